@@ -1,0 +1,102 @@
+"""Random directions z, regenerated from a seed instead of stored.
+
+A direction over a list of buffers is cut into fixed chunks; chunk c of buffer b draws its
+values from its own stream keyed by (seed, b, c). So z never exists as one full-size array
+(temporary memory is one sub-chunk per thread), and the values do not depend on how many
+threads run or in which order the chunks are visited.
+
+Kinds:
+- "rademacher": +-1 from random bits (classic SPSA). Cheapest to generate.
+- "gaussian": fresh N(0, 1) per element, as in MeZO. Generating normals dominates its cost.
+- "gaussian-table": N(0, 1) windows of a fixed shared table at seeded offsets with seeded
+  signs (the noise table of Salimans et al., 2017). Gaussian marginals at Rademacher cost;
+  E[z z^T] = I over the seeds.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+KINDS = ("rademacher", "gaussian", "gaussian-table")
+CHUNK = 1 << 20  # elements per random stream
+SUB = 1 << 16  # elements per cache-sized piece of work inside a chunk
+TABLE_SIZE = 1 << 24
+TABLE_SEED = 20230527
+
+
+class Directions:
+    """Adds scale * z(seed) to float32 buffers in place, on `threads` threads."""
+
+    def __init__(self, kind: str = "rademacher", threads: int | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind = kind
+        self.threads = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    @cached_property
+    def _table(self) -> np.ndarray:
+        rng = np.random.Generator(np.random.SFC64(TABLE_SEED))
+        return rng.standard_normal(TABLE_SIZE, dtype=np.float32)
+
+    def add(self, buffers: Sequence[np.ndarray], seed: int, scale: float) -> None:
+        """buffers[b] += scale * z(seed)[b], in place. Buffers must be C-contiguous float32."""
+        flats = [_flat(b) for b in buffers]
+        work = [(b, c) for b, f in enumerate(flats) for c in range(0, f.size, CHUNK)]
+        scale32 = np.float32(scale)
+        if self.kind == "gaussian-table":
+            self._table  # build once, outside the threads
+        run = lambda bc: self._add_chunk(flats[bc[0]][bc[1]:bc[1] + CHUNK], (seed, bc[0], bc[1] // CHUNK), scale32)
+        if self._pool is None:
+            for bc in work:
+                run(bc)
+        else:
+            list(self._pool.map(run, work))
+
+    def sample(self, shapes: Sequence[tuple[int, ...]], seed: int) -> list[np.ndarray]:
+        """z itself, materialized: for tests and for driving a model outside ORT."""
+        zs = [np.zeros(s, np.float32) for s in shapes]
+        self.add(zs, seed, 1.0)
+        return zs
+
+    def _add_chunk(self, out: np.ndarray, key: tuple[int, int, int], scale: np.float32) -> None:
+        rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(key)))
+        n = out.size
+        tmp = np.empty(min(SUB, n), np.float32)
+        if self.kind == "gaussian":
+            for j in range(0, n, SUB):
+                t = tmp[: min(SUB, n - j)]
+                rng.standard_normal(out=t, dtype=np.float32)
+                t *= scale
+                out[j:j + t.size] += t
+        elif self.kind == "rademacher":
+            bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
+            for j in range(0, n, SUB):
+                m = min(SUB, n - j)
+                b = np.unpackbits(bits[j // 8:(j + m + 7) // 8], count=m)
+                b <<= 1
+                signs = (np.uint8(1) - b).view(np.int8)  # 1 - 2 * bit, as +-1
+                t = tmp[:m]
+                np.multiply(signs, scale, out=t, dtype=np.float32)
+                out[j:j + m] += t
+        else:
+            table = self._table
+            pieces = (n + SUB - 1) // SUB
+            offsets = rng.integers(0, TABLE_SIZE - SUB, size=pieces)
+            flips = rng.integers(0, 2, size=pieces)
+            for k in range(pieces):
+                j = k * SUB
+                m = min(SUB, n - j)
+                t = tmp[:m]
+                np.multiply(table[offsets[k]:offsets[k] + m], -scale if flips[k] else scale, out=t)
+                out[j:j + m] += t
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise ValueError("directions work on C-contiguous float32 buffers")
+    return a.reshape(-1)

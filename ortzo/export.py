@@ -1,0 +1,357 @@
+"""The export pass: a Hugging Face causal LM -> a trainable model folder.
+
+Optimum exports the model (text-generation, no KV cache). This pass then
+- gives every weight its PyTorch name (Optimum names transposed Linear weights
+  `onnx::MatMul_NNN`; the MatMul node's scope names the module) and keeps tied weights one input,
+- moves the weights out of the graph into named graph inputs and one aligned flat file,
+  streaming one tensor at a time, so there is no 2 GB protobuf limit and memory stays low,
+- replaces the full-vocabulary logits with a scoring head: log-probabilities of candidate ids
+  at chosen rows only (`score_index` into the flattened [B*S] positions, `score_ids` [N, K]).
+
+Needs the `export` extra (torch, optimum-onnx, transformers); the runtime never imports this.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OrtzoError
+from .files import atomic_open
+from .manifest import Manifest, Parameter, aligned
+
+WEIGHTS = "weights.bin"
+GRAPH = "model.onnx"
+TOKENIZER = "tokenizer.json"
+DATA_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_ids")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: a hub id, a local HF folder, or a GGUF file."""
+
+    kind: str  # "hub" | "dir" | "gguf"
+    location: str
+    alias: str | None = None
+
+
+def known_models() -> list[str]:
+    return sorted(p.name[:-5] for p in files("ortzo.model_files").iterdir() if p.name.endswith(".toml"))
+
+
+def resolve(model: str) -> Source:
+    """An alias from export/*.toml, a .gguf path, a local folder, or else a hub id."""
+    spec = files("ortzo.model_files") / f"{model}.toml"
+    if spec.is_file():
+        d = tomllib.loads(spec.read_text(encoding="utf-8"))["source"]
+        if d["kind"] == "hub":
+            return Source("hub", d["id"], model)
+        if d["kind"] == "package-gguf":
+            return Source("gguf", str(_packaged_gguf(d)), model)
+        raise OrtzoError(f"export/{model}.toml: unknown source kind {d['kind']!r}")
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OrtzoError(f"GGUF file not found: {path}")
+        return Source("gguf", str(path))
+    if path.is_dir():
+        return Source("dir", str(path))
+    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+        raise OrtzoError(f"unknown model {model!r}: not an alias ({', '.join(known_models())}), "
+                         "a .gguf file, a local folder or a hub id (owner/name)")
+    return Source("hub", model)
+
+
+def _packaged_gguf(d: dict[str, Any]) -> Path:
+    spec = importlib.util.find_spec(d["module"])
+    if spec is None or not spec.submodule_search_locations:
+        raise OrtzoError(f"package {d['package']} is not installed: {d['install']}")
+    folder = Path(spec.submodule_search_locations[0])
+    if "assemble" in d:  # chunked packages write the file on first use
+        target = Path(tempfile.gettempdir()) / "ortzo-gguf" / d["file"]
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mod = importlib.import_module(d["module"])
+            getattr(mod, d["assemble"])(str(target))
+        return target
+    path = folder / d["file"]
+    if not path.is_file():
+        raise OrtzoError(f"{d['package']} does not hold {d['file']}")
+    return path
+
+
+def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False) -> Manifest:
+    """Export `model` into the trainable folder `out`, atomically (built beside it, then renamed)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
+    source = resolve(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp = Path(tmp)
+        hf_dir = _hf_folder(source, tmp / "hf")
+        _optimum_export(hf_dir, tmp / "onnx", opset)
+        build = tmp / "trainable"
+        build.mkdir()
+        tok = export_tokenizer(source, hf_dir, build)
+        manifest = convert(tmp / "onnx" / GRAPH, hf_dir, build, tok,
+                           source={"model": model, "kind": source.kind, "location": source.location})
+        if out.exists():
+            shutil.rmtree(out)
+        build.rename(out)
+    return manifest
+
+
+def _hf_folder(source: Source, work: Path) -> Path:
+    """A local HF folder with safetensors: GGUF files are dequantized to fp32 first."""
+    if source.kind == "dir":
+        return Path(source.location)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        if source.kind == "gguf":
+            gguf = Path(source.location)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
+            AutoTokenizer.from_pretrained(source.location).save_pretrained(work)
+    except OSError as e:
+        raise OrtzoError(f"cannot load {source.location}: {str(e).splitlines()[0]}") from None
+    model.save_pretrained(work)
+    return work
+
+
+def _optimum_export(hf_dir: Path, out: Path, opset: int) -> None:
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(hf_dir), output=str(out), task="text-generation", opset=opset, device="cpu")
+    if not (out / GRAPH).is_file():
+        raise OrtzoError(f"Optimum wrote no {GRAPH} for {hf_dir}")
+
+
+def export_tokenizer(source: Source, hf_dir: Path, out: Path) -> dict[str, Any]:
+    """Save tokenizer.json and what encoding needs. GGUF settings come from the file itself,
+    because transformers 4.57 misreads them (it turns on add_bos for SmolLM2)."""
+    from transformers import AutoTokenizer
+
+    if source.kind == "gguf":
+        gguf = Path(source.location)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        meta = _gguf_tokenizer_meta(gguf)
+        add_bos = bool(meta.get("add_bos_token", False))
+        bos, pad = meta.get("bos_token_id"), meta.get("padding_token_id", meta.get("eos_token_id"))
+    else:
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        add_bos = bool(getattr(tok, "add_bos_token", False))
+        bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if not tok.is_fast:
+        raise OrtzoError(f"{source.location}: only fast (tokenizers) tokenizers are supported")
+    tok.backend_tokenizer.save(str(out / TOKENIZER))
+    return {"file": TOKENIZER, "add_bos": add_bos and bos is not None, "bos_id": bos,
+            "pad_id": int(pad) if pad is not None else 0}
+
+
+def _gguf_tokenizer_meta(path: Path) -> dict[str, Any]:
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    meta = {}
+    for key in ("add_bos_token", "bos_token_id", "eos_token_id", "padding_token_id"):
+        f = fields.get(f"tokenizer.ggml.{key}")
+        if f is not None:
+            meta[key] = f.parts[f.data[0]].tolist()[0]
+    return meta
+
+
+def _pytorch_params(hf_dir: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    if not shapes:
+        raise OrtzoError(f"{hf_dir} has no .safetensors weights")
+    return shapes
+
+
+def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
+            source: dict[str, Any]) -> Manifest:
+    """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    shapes = _pytorch_params(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    tied = {"lm_head.weight": _embedding_name(g)} if config.get("tie_word_embeddings") else {}
+
+    consumers: dict[str, list[Any]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+
+    names = {}  # initializer name -> (pytorch name, transposed)
+    for init in g.initializer:
+        name = _pytorch_name(init, consumers, shapes, tied)
+        if name is not None:
+            names[init.name] = name
+
+    params: list[Parameter] = []
+    rename: dict[str, str] = {}
+    keep = []
+    offset = 0
+    h = hashlib.sha256()
+    base = str(onnx_path.parent)
+    originals: dict[str, Any] = {}
+    with atomic_open(out / WEIGHTS, "wb") as f:
+        for init in g.initializer:
+            if init.name not in names:
+                keep.append(init)
+                continue
+            pt_name, transposed = names[init.name]
+            if pt_name in tied:  # a second copy of a tied weight: point it at the first
+                rename[init.name] = _retie(g, init, originals.get(tied[pt_name]), base)
+                continue
+            arr = numpy_helper.to_array(init, base).astype(np.float32, copy=False)
+            start = aligned(offset)
+            pad = b"\0" * (start - offset)
+            f.write(pad)
+            h.update(pad)
+            data = memoryview(np.ascontiguousarray(arr)).cast("B")
+            f.write(data)
+            h.update(data)
+            offset = start + arr.nbytes
+            params.append(Parameter(pt_name, tuple(arr.shape), "float32", start, transposed))
+            rename[init.name] = pt_name
+            originals[pt_name] = init
+            del arr, data
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for p in params:
+        g.input.append(helper.make_tensor_value_info(p.name, onnx.TensorProto.FLOAT, list(p.shape)))
+    _add_scoring_head(g)
+    _prune(g)
+    onnx.checker.check_model(model)
+    with atomic_open(out / GRAPH, "wb") as fo:
+        fo.write(model.SerializeToString())
+    inputs = tuple(i.name for i in g.input if i.name in DATA_INPUTS)
+    manifest = Manifest(graph=GRAPH, weights=WEIGHTS, weights_sha256=h.hexdigest(), weights_bytes=offset,
+                        parameters=tuple(params), inputs=inputs, outputs=("scores",), tokenizer=tokenizer,
+                        tied=tied, source=source | {"architecture": (config.get("architectures") or ["?"])[0]})
+    manifest.save(out)
+    return manifest
+
+
+def _embedding_name(g) -> str:
+    for node in g.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
+            return node.input[0]
+    raise OrtzoError("cannot find the token embedding (a Gather on input_ids) in the exported graph")
+
+
+_SCOPE = re.compile(r"^/(.+)/(MatMul|Gemm)(_\d+)?$")
+
+
+def _pytorch_name(init, consumers, shapes, tied) -> tuple[str, bool] | None:
+    """(PyTorch name, transposed) for a weight initializer; None for graph constants."""
+    dims = tuple(init.dims)
+    if init.name in shapes and shapes[init.name] == dims:
+        return init.name, False
+    for node in consumers.get(init.name, []):
+        m = _SCOPE.match(node.name)
+        if m and len(node.input) > 1 and node.input[1] == init.name:
+            name = m.group(1).replace("/", ".") + ".weight"
+            if shapes.get(name) == dims[::-1] or (name in tied and len(dims) == 2):
+                return name, True
+    return None
+
+
+def _retie(g, init, original, base: str) -> str:
+    """Replace a (transposed) copy of a tied weight by a Transpose of the original.
+
+    Optimum de-duplicates only modules it knows (Gemma 3's scaled embedding is not one)."""
+    from onnx import helper, numpy_helper
+
+    if original is None:
+        raise OrtzoError(f"tied weight {init.name} comes before the weight it is tied to")
+    if not np.array_equal(numpy_helper.to_array(original, base).T, numpy_helper.to_array(init, base)):
+        raise OrtzoError(f"{init.name} is meant to be tied to {original.name} but holds other values")
+    out = f"{original.name}_transposed"
+    g.node.insert(0, helper.make_node("Transpose", [original.name], [out], perm=[1, 0], name="ortzo/retie"))
+    return out
+
+
+def _add_scoring_head(g) -> None:
+    """logits = hidden @ W  ->  scores = log_softmax(hidden[score_index] @ W)[score_ids]."""
+    from onnx import TensorProto, helper
+
+    producer = next((n for n in g.node if "logits" in n.output), None)
+    if producer is None or producer.op_type != "MatMul":
+        raise OrtzoError("unsupported graph: the logits output is not produced by a MatMul")
+    hidden, w = producer.input
+    by_output = {o: n for n in g.node for o in n.output}
+    trans = by_output.get(w)
+    weights = {i.name: i for i in g.input}
+    if trans is not None and trans.op_type == "Transpose":
+        src = trans.input[0]
+        hsize = weights[src].type.tensor_type.shape.dim[1].dim_value
+        head = helper.make_node("Gemm", ["ortzo/selected", src], ["ortzo/logits"], transB=1, name="ortzo/lm_head")
+    else:
+        hsize = weights[w].type.tensor_type.shape.dim[0].dim_value
+        head = helper.make_node("MatMul", ["ortzo/selected", w], ["ortzo/logits"], name="ortzo/lm_head")
+    g.initializer.append(helper.make_tensor("ortzo/flat_shape", TensorProto.INT64, [2], [-1, hsize]))
+    g.node.remove(producer)
+    g.node.extend([
+        helper.make_node("Reshape", [hidden, "ortzo/flat_shape"], ["ortzo/flat_hidden"], name="ortzo/flatten"),
+        helper.make_node("Gather", ["ortzo/flat_hidden", "score_index"], ["ortzo/selected"], axis=0, name="ortzo/select"),
+        head,
+        helper.make_node("LogSoftmax", ["ortzo/logits"], ["ortzo/logprobs"], axis=-1, name="ortzo/log_softmax"),
+        helper.make_node("GatherElements", ["ortzo/logprobs", "score_ids"], ["scores"], axis=1, name="ortzo/pick"),
+    ])
+    g.input.extend([helper.make_tensor_value_info("score_index", TensorProto.INT64, ["n_scored"]),
+                    helper.make_tensor_value_info("score_ids", TensorProto.INT64, ["n_scored", "n_candidates"])])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n_scored", "n_candidates"]))
+
+
+def _prune(g) -> None:
+    """Drop nodes no output depends on (the old lm_head Transpose), then unused initializers."""
+    by_output = {o: n for n in g.node for o in n.output}
+    needed, stack, live = set(), [o.name for o in g.output], set()
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        n = by_output.get(t)
+        if n is not None and id(n) not in live:
+            live.add(id(n))
+            stack.extend(i for i in n.input if i)
+            for attr in n.attribute:  # subgraphs (If/Loop) read outer names too
+                for sub in list(attr.g.node if attr.g.node else []) + [x for gr in attr.graphs for x in gr.node]:
+                    stack.extend(i for i in sub.input if i)
+    kept = [n for n in g.node if id(n) in live]
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)

@@ -1,0 +1,121 @@
+"""The trainable model folder's manifest: what each byte of the flat weight file is.
+
+A folder holds `model.onnx` (a weight-free graph whose weights are named inputs),
+`weights.bin` (every parameter, 64-byte aligned, in manifest order), the tokenizer, and
+`manifest.json`, which this module reads, checks and writes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OrtzoError
+from .files import write_json
+
+FORMAT = "ortzo-trainable/1"
+MANIFEST = "manifest.json"
+ALIGN = 64
+DTYPES = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One weight: its PyTorch name, its shape in the graph and where it lies in the file.
+
+    `transposed` marks Linear weights that the exporter stores as [in, out] for MatMul.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    transposed: bool = False
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    graph: str
+    weights: str
+    weights_sha256: str
+    weights_bytes: int
+    parameters: tuple[Parameter, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    tokenizer: dict[str, Any]
+    tied: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["parameters"] = [asdict(p) | {"shape": list(p.shape)} for p in self.parameters]
+        return d
+
+    def save(self, folder: str | Path) -> None:
+        write_json(Path(folder) / MANIFEST, self.to_json())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not Path(folder).is_dir():
+            raise OrtzoError(f"model folder not found: {folder}")
+        if not path.is_file():
+            raise OrtzoError(f"not a trainable model folder (no {MANIFEST}): {folder}")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d.get("format") != FORMAT:
+                raise OrtzoError(f"{path}: unknown format {d.get('format')!r}, expected {FORMAT!r}")
+            params = tuple(
+                Parameter(p["name"], tuple(int(s) for s in p["shape"]), p["dtype"], int(p["offset"]),
+                          bool(p.get("transposed", False)))
+                for p in d["parameters"]
+            )
+            m = cls(graph=d["graph"], weights=d["weights"], weights_sha256=d["weights_sha256"],
+                    weights_bytes=int(d["weights_bytes"]), parameters=params,
+                    inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),
+                    tokenizer=dict(d["tokenizer"]), tied=dict(d.get("tied", {})),
+                    source=dict(d.get("source", {})))
+        except OrtzoError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise OrtzoError(f"corrupt manifest {path}: {type(e).__name__}: {e}") from None
+        m.check()
+        for name in (m.graph, m.weights, m.tokenizer.get("file", "tokenizer.json")):
+            if not (Path(folder) / name).is_file():
+                raise OrtzoError(f"model folder {folder} is missing {name}")
+        return m
+
+    def check(self) -> None:
+        """Offsets aligned, in order, not overlapping, inside the file; dtypes known."""
+        end = 0
+        for p in self.parameters:
+            if p.dtype not in DTYPES:
+                raise OrtzoError(f"corrupt manifest: parameter {p.name} has dtype {p.dtype!r}")
+            if p.offset % ALIGN or p.offset < end:
+                raise OrtzoError(f"corrupt manifest: parameter {p.name} at bad offset {p.offset}")
+            end = p.offset + p.nbytes
+        if end > self.weights_bytes:
+            raise OrtzoError(f"corrupt manifest: parameters need {end} bytes, file has {self.weights_bytes}")
+
+    def param(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN

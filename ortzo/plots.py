@@ -1,0 +1,29 @@
+"""Accuracy-vs-steps and accuracy-vs-time curves, as PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [h["step"] for h in history]
+    acc = [h["eval_accuracy"] for h in history]
+    a.plot(steps, acc, marker="o")
+    a.set_xlabel("MeZO steps")
+    a.set_ylabel("eval accuracy")
+    b.plot([h["train_seconds"] / 60 for h in history], acc, marker="o")
+    b.set_xlabel("training time (minutes, evaluation excluded)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

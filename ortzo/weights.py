@@ -1,0 +1,83 @@
+"""The weight store: every parameter in one aligned NumPy buffer, read from the flat file.
+
+The arrays it hands out are views into that buffer. The ORT session binds them once, so an
+in-place change here is what the next forward computes with: no copy, no re-binding.
+"""
+from __future__ import annotations
+
+import hashlib
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import OrtzoError
+from .files import atomic_open
+from .manifest import ALIGN, Manifest
+
+READ_BLOCK = 1 << 24
+
+
+class WeightStore:
+    def __init__(self, manifest: Manifest, buffer: np.ndarray) -> None:
+        self.manifest = manifest
+        self.buffer = buffer
+        self.arrays: dict[str, np.ndarray] = {
+            p.name: buffer[p.offset:p.offset + p.nbytes].view(p.dtype).reshape(p.shape)
+            for p in manifest.parameters
+        }
+
+    @classmethod
+    def load(cls, folder: str | Path, manifest: Manifest, weights: str | Path | None = None,
+             sha256: str | None = None) -> WeightStore:
+        """Read the folder's weight file (or `weights`, e.g. a checkpoint's) and check its sha256."""
+        path = Path(weights) if weights is not None else Path(folder) / manifest.weights
+        expected = sha256 or manifest.weights_sha256
+        if not path.is_file():
+            raise OrtzoError(f"weight file not found: {path}")
+        size = path.stat().st_size
+        if size != manifest.weights_bytes:
+            raise OrtzoError(f"weight file {path} has {size} bytes, manifest says {manifest.weights_bytes}")
+        buffer = _aligned_empty(size)
+        h = hashlib.sha256()
+        view = memoryview(buffer)
+        with open(path, "rb") as f:
+            pos = 0
+            while pos < size:
+                n = f.readinto(view[pos:pos + READ_BLOCK])
+                if not n:
+                    raise OrtzoError(f"weight file {path} ended early at byte {pos}")
+                h.update(view[pos:pos + n])
+                pos += n
+        if h.hexdigest() != expected:
+            raise OrtzoError(f"checksum mismatch for {path}: the weight file is corrupt or not this model's")
+        return cls(manifest, buffer)
+
+    def save(self, path: str | Path) -> str:
+        """Write the whole buffer atomically; returns its sha256."""
+        h = hashlib.sha256()
+        view = memoryview(self.buffer)
+        with atomic_open(path, "wb") as f:
+            for pos in range(0, len(view), READ_BLOCK):
+                block = view[pos:pos + READ_BLOCK]
+                h.update(block)
+                f.write(block)
+        return h.hexdigest()
+
+    def select(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> list[str]:
+        """Names of the parameters that match an include pattern and no exclude pattern."""
+        names = [n for n in self.arrays
+                 if any(fnmatch(n, p) for p in include) and not any(fnmatch(n, p) for p in exclude)]
+        if not names:
+            raise OrtzoError(f"no parameter matches include={list(include)} exclude={list(exclude)}")
+        return names
+
+    def checksum(self) -> str:
+        return hashlib.sha256(memoryview(self.buffer)).hexdigest()
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes]

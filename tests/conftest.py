@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiny import make_tiny_llama
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_hf, tmp_path_factory) -> Path:
+    """The tiny Llama as a trainable folder (tied embeddings). Tests must not modify it."""
+    from ortzo.export import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny"
+    export_model(str(tiny_hf), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """An SST-2-shaped task the tiny model can learn: the label is the sentence's first word."""
+    folder = tmp_path_factory.mktemp("data") / "sst2"
+    folder.mkdir()
+    words = {1: ["great", "good", "wonderful", "brilliant"], 0: ["terrible", "bad", "awful", "dull"]}
+    for split, n in (("train", 64), ("validation", 32)):
+        rows = [{"sentence": f"{words[i % 2][(i // 2) % 4]} movie and the plot ", "label": i % 2, "idx": i}
+                for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

@@ -1,0 +1,66 @@
+"""Directions are a pure function of the seed: any thread count, chunking or buffer layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ortzo.directions import CHUNK, KINDS, Directions
+
+SIZES = [(3, 5), (CHUNK + 17,), (2 * CHUNK - 1,), (1,)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_thread_count_does_not_change_z(kind):
+    zs = [Directions(kind, threads=t).sample(SIZES, seed=42) for t in (1, 2, 3)]
+    for a, b in zip(zs[0], zs[1]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(zs[0], zs[2]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_is_scale_times_sample(kind):
+    d = Directions(kind, threads=2)
+    rng = np.random.default_rng(0)
+    w = [rng.normal(size=s).astype(np.float32) for s in SIZES]
+    w0 = [a.copy() for a in w]
+    d.add(w, seed=7, scale=0.25)
+    for a, a0, z in zip(w, w0, d.sample(SIZES, seed=7)):
+        np.testing.assert_array_equal(a, a0 + np.float32(0.25) * z)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distribution(kind):
+    z = np.concatenate([a.ravel() for a in Directions(kind).sample([(3 * CHUNK,)], seed=1)])
+    assert abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.01
+    if kind == "rademacher":
+        assert set(np.unique(z)) == {-1.0, 1.0}
+    else:  # normal tails: P(|z| > 2) = 0.0455
+        assert abs((np.abs(z) > 2).mean() - 0.0455) < 0.002
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_directions_of_different_seeds_are_nearly_orthogonal(kind):
+    d = Directions(kind)
+    a, b = (d.sample([(CHUNK,)], seed=s)[0] for s in (1, 2))
+    assert abs(float(a @ b)) / CHUNK < 0.01
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), n=st.integers(1, 3000), kind=st.sampled_from(KINDS))
+def test_plus_then_minus_restores_within_rounding(seed, n, kind):
+    d = Directions(kind, threads=1)
+    w = np.linspace(-1, 1, n, dtype=np.float32)
+    w0 = w.copy()
+    d.add([w], seed, 1e-3)
+    d.add([w], seed, -1e-3)
+    np.testing.assert_allclose(w, w0, atol=1e-6)
+
+
+def test_unknown_kind_and_bad_buffers():
+    with pytest.raises(ValueError, match="unknown direction kind"):
+        Directions("uniform")
+    with pytest.raises(ValueError, match="float32"):
+        Directions().add([np.zeros(4)], 0, 1.0)

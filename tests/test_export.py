@@ -1,0 +1,91 @@
+"""The trainable folder computes what the PyTorch model computes, under PyTorch's names."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ortzo.batches import collate
+from ortzo.files import sha256_file
+from ortzo.manifest import Manifest
+from ortzo.session import ScoringSession
+from ortzo.targets import load_target
+from ortzo.weights import WeightStore
+
+
+def _session(folder):
+    m = Manifest.load(folder)
+    store = WeightStore.load(folder, m)
+    return m, store, ScoringSession(folder, store, load_target("cpu"))
+
+
+def _torch_logprobs(hf_dir, feeds):
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(feeds["input_ids"]), attention_mask=torch.tensor(feeds["attention_mask"]),
+                       position_ids=torch.tensor(feeds["position_ids"])).logits
+    return torch.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).numpy()
+
+
+def test_scores_equal_pytorch_log_probs(tiny_hf, tiny_model):
+    _, _, session = _session(tiny_model)
+    rng = np.random.default_rng(0)
+    encoded = [list(rng.integers(2, 300, size=n)) for n in (5, 11, 2, 8)]  # ragged: left padding matters
+    feeds = collate(encoded, 1, np.array([7, 40, 99]))
+    ref = _torch_logprobs(tiny_hf, feeds)
+    got = session(feeds)
+    want = ref[feeds["score_index"]][:, [7, 40, 99]]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+def test_target_span_scores(tiny_hf, tiny_model):
+    """Several positions per row with one candidate each: the log-likelihood of a span."""
+    _, _, session = _session(tiny_model)
+    ids = np.array([[5, 6, 7, 8, 9, 10]])
+    feeds = collate([ids[0].tolist()], 1, np.array([0]))
+    feeds["score_index"] = np.array([2, 3, 4])  # predict tokens 3..5 from positions 2..4
+    feeds["score_ids"] = ids[0, 3:6, None]
+    ref = _torch_logprobs(tiny_hf, feeds)
+    np.testing.assert_allclose(session(feeds)[:, 0], ref[[2, 3, 4], [8, 9, 10]], atol=2e-5)
+
+
+def test_parameters_carry_pytorch_names_and_values(tiny_hf, tiny_model):
+    m, store, _ = _session(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    names = [p.name for p in m.parameters]
+    assert len(names) == len(set(names))
+    assert "lm_head.weight" not in names and m.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert set(names) == set(state) - {"lm_head.weight"}
+    for p in m.parameters:
+        want = state[p.name].T if p.transposed else state[p.name]
+        np.testing.assert_array_equal(store.arrays[p.name], want)
+        assert p.transposed == (p.name.endswith("proj.weight"))
+    assert sha256_file(tiny_model / m.weights) == m.weights_sha256
+    assert all(p.offset % 64 == 0 for p in m.parameters)
+
+
+def test_untied_model_keeps_its_own_lm_head(tmp_path):
+    from ortzo.export import export_model
+    from tiny import make_tiny_llama
+
+    hf = make_tiny_llama(tmp_path / "hf", seed=1, tie=False)
+    m = export_model(str(hf), tmp_path / "out")
+    assert m.tied == {}
+    assert m.param("lm_head.weight").transposed
+    _, _, session = _session(tmp_path / "out")
+    feeds = collate([[3, 4, 5, 6]], 1, np.array([1, 2]))
+    np.testing.assert_allclose(session(feeds), _torch_logprobs(hf, feeds)[[3]][:, [1, 2]], atol=2e-5)
+
+
+def test_export_refuses_to_overwrite(tiny_hf, tmp_path):
+    from ortzo.errors import OrtzoError
+    from ortzo.export import export_model
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OrtzoError, match="--force"):
+        export_model(str(tiny_hf), out)
+    assert (out / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,122 @@
+"""The MeZO step: its gradient estimate, its exact replay, and that it learns."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ortzo.batches import collate
+from ortzo.directions import Directions
+from ortzo.manifest import Manifest
+from ortzo.mezo import lr_at, mezo_step, replay
+from ortzo.objective import loss
+from ortzo.session import ScoringSession
+from ortzo.targets import load_target
+from ortzo.weights import WeightStore
+
+ENCODED = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [5, 5, 6]]
+LABELS = np.array([0, 1, 1, 0])
+CANDIDATES = np.array([30, 31])
+
+
+def _ort(folder):
+    m = Manifest.load(folder)
+    store = WeightStore.load(folder, m)
+    return store, ScoringSession(folder, store, load_target("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_spsa_estimate_matches_autograd_directional_derivative(tiny_hf, tiny_model, kind):
+    """g from two ORT forwards equals grad(L) . z computed by PyTorch autograd."""
+    store, session = _ort(tiny_model)
+    feeds = collate(ENCODED, 1, CANDIDATES)
+    names = list(store.arrays)
+    buffers = [store.arrays[n] for n in names]
+    directions = Directions(kind)
+    eps = 1e-3
+    rec = mezo_step(buffers, lambda: loss(session(feeds), LABELS), step=0, seed=123, eps=eps, lr=0.0,
+                    directions=directions)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    logits = model(input_ids=torch.tensor(feeds["input_ids"]), attention_mask=torch.tensor(feeds["attention_mask"]),
+                   position_ids=torch.tensor(feeds["position_ids"])).logits[:, -1]
+    scores = torch.log_softmax(logits, -1)[:, torch.tensor(CANDIDATES)]
+    torch.nn.functional.cross_entropy(scores, torch.tensor(LABELS)).backward()
+    manifest = Manifest.load(tiny_model)
+    zs = directions.sample([b.shape for b in buffers], seed=123)
+    directional = 0.0
+    for name, z in zip(names, zs):
+        grad = params[name].grad.numpy()
+        directional += float((grad.T if manifest.param(name).transposed else grad).ravel() @ z.ravel())
+    assert rec.grads[0] == pytest.approx(directional, rel=2e-2, abs=1e-4)
+
+
+def test_step_with_zero_lr_restores_weights(tiny_model):
+    store, session = _ort(tiny_model)
+    feeds = collate(ENCODED, 1, CANDIDATES)
+    before = {n: a.copy() for n, a in store.arrays.items()}
+    mezo_step(list(store.arrays.values()), lambda: loss(session(feeds), LABELS), step=0, seed=5, eps=1e-3,
+              lr=0.0, directions=Directions())
+    for n, a in store.arrays.items():
+        np.testing.assert_allclose(a, before[n], atol=1e-6)
+
+
+def _quadratic_problem(seed=0):
+    """Least squares in 2 buffers: a stand-in for any model, no ONNX involved."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(64, 20)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    w = [np.zeros((4, 5), np.float32), np.zeros(3, np.float32)]
+
+    def loss_fn():
+        return float(np.mean((a @ w[0].ravel() - b) ** 2) + np.sum((w[1] - 1.0) ** 2))
+    return w, loss_fn
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "gaussian-table"])
+@pytest.mark.parametrize("q,wd,clip", [(1, 0.0, None), (3, 0.1, 0.5)])
+def test_replay_rebuilds_weights_bit_exactly(kind, q, wd, clip):
+    w, loss_fn = _quadratic_problem()
+    d = Directions(kind, threads=2)
+    records = [mezo_step(w, loss_fn, step=t, seed=1000 + t, eps=1e-3, lr=lr_at(t, 30, 0.01, "linear"),
+                         directions=d, n_directions=q, clip=clip, weight_decay=wd, decay=[True, False])
+               for t in range(30)]
+    fresh, _ = _quadratic_problem()
+    replay(fresh, records, Directions(kind, threads=1), decay=[True, False])
+    for a, b in zip(w, fresh):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_loss_falls_on_a_learnable_problem(kind):
+    w, loss_fn = _quadratic_problem()
+    start = loss_fn()
+    d = Directions(kind)
+    for t in range(400):
+        mezo_step(w, loss_fn, step=t, seed=t, eps=1e-3, lr=2e-3, directions=d)
+    assert loss_fn() < 0.3 * start
+
+
+def test_clip_bounds_the_projected_gradient():
+    w, loss_fn = _quadratic_problem()
+    rec = mezo_step(w, loss_fn, step=0, seed=3, eps=1e-3, lr=0.0, directions=Directions(), clip=1e-3)
+    assert abs(rec.grads[0]) <= 1e-3
+
+
+def test_drives_pytorch_parameters_through_numpy_views(tiny_hf):
+    """The optimizer knows nothing about ONNX: PyTorch tensors' memory works as buffers too."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    buffers = [p.data.numpy() for p in model.parameters()]
+    feeds = collate(ENCODED, 1, CANDIDATES)
+    ids = torch.tensor(feeds["input_ids"])
+
+    def loss_fn():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.tensor(feeds["attention_mask"])).logits[:, -1]
+        return loss(torch.log_softmax(logits, -1)[:, torch.tensor(CANDIDATES)].numpy(), LABELS)
+    start = loss_fn()
+    d = Directions()
+    for t in range(60):
+        mezo_step(buffers, loss_fn, step=t, seed=t, eps=1e-3, lr=1e-2, directions=d)
+    assert loss_fn() < start

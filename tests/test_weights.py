@@ -1,0 +1,80 @@
+"""The weight store is what ORT computes with: zero-copy, in place, checked on load."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ortzo.batches import collate
+from ortzo.errors import OrtzoError
+from ortzo.manifest import Manifest
+from ortzo.session import ScoringSession
+from ortzo.targets import load_target
+from ortzo.weights import WeightStore
+
+FEEDS = collate([[3, 4, 5, 6, 7], [8, 9]], 1, np.array([1, 2, 3]))
+
+
+def _open(folder, weights=None, sha=None):
+    m = Manifest.load(folder)
+    store = WeightStore.load(folder, m, weights, sha)
+    return store, ScoringSession(folder, store, load_target("cpu"))
+
+
+def test_weights_are_bound_zero_copy(tiny_model):
+    store, session = _open(tiny_model)
+    for name, arr in store.arrays.items():
+        assert session.weight_ptr(name) == arr.ctypes.data
+
+
+def test_in_place_change_is_seen_and_equals_a_fresh_session(tiny_model, tmp_path):
+    store, session = _open(tiny_model)
+    before = session(FEEDS)
+    rng = np.random.default_rng(1)
+    for arr in store.arrays.values():  # every weight, the tied embedding included
+        arr += rng.normal(0, 0.05, arr.shape).astype(np.float32)
+    after = session(FEEDS)
+    assert np.abs(after - before).max() > 1e-3
+    sha = store.save(tmp_path / "changed.bin")
+    _, fresh = _open(tiny_model, tmp_path / "changed.bin", sha)
+    np.testing.assert_array_equal(after, fresh(FEEDS))
+
+
+def test_checksum_mismatch_is_refused(tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    data = bytearray((folder / "weights.bin").read_bytes())
+    data[100] ^= 1
+    (folder / "weights.bin").write_bytes(data)
+    with pytest.raises(OrtzoError, match="checksum mismatch"):
+        _open(folder)
+
+
+@pytest.mark.parametrize("damage", ["not json", "offset", "missing key", "truncated file"])
+def test_corrupt_folder_gets_a_clear_error(tiny_model, tmp_path, damage):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    path = folder / "manifest.json"
+    d = json.loads(path.read_text())
+    if damage == "not json":
+        path.write_text("{ nope")
+    elif damage == "offset":
+        d["parameters"][1]["offset"] = 3
+        path.write_text(json.dumps(d))
+    elif damage == "missing key":
+        del d["parameters"]
+        path.write_text(json.dumps(d))
+    else:
+        (folder / "weights.bin").write_bytes((folder / "weights.bin").read_bytes()[:1000])
+    with pytest.raises(OrtzoError):
+        _open(folder)
+
+
+def test_select_by_patterns(tiny_model):
+    store, _ = _open(tiny_model)
+    names = store.select(["*layers.1*"], ["*norm*"])
+    assert names and all("layers.1" in n and "norm" not in n for n in names)
+    with pytest.raises(OrtzoError, match="no parameter"):
+        store.select(["nothing*"])
