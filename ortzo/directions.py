@@ -24,7 +24,7 @@ import numpy as np
 KINDS = ("rademacher", "gaussian", "gaussian-table")
 CHUNK = 1 << 20  # elements per random stream
 SUB = 1 << 16  # elements per cache-sized piece of work inside a chunk
-TABLE_SIZE = 1 << 24
+TABLE_SIZE = 1 << 23  # 32 MiB of float32
 TABLE_SEED = 20230527
 
 
@@ -74,15 +74,16 @@ class Directions:
                 t *= scale
                 out[j:j + t.size] += t
         elif self.kind == "rademacher":
+            # z = +1 for a 0 bit, -1 for a 1 bit: move each bit into the sign of `scale`.
             bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
+            words, scale_bits = tmp.view(np.uint32), scale.view(np.uint32)
             for j in range(0, n, SUB):
                 m = min(SUB, n - j)
                 b = np.unpackbits(bits[j // 8:(j + m + 7) // 8], count=m)
-                b <<= 1
-                signs = (np.uint8(1) - b).view(np.int8)  # 1 - 2 * bit, as +-1
-                t = tmp[:m]
-                np.multiply(signs, scale, out=t, dtype=np.float32)
-                out[j:j + m] += t
+                t = words[:m]
+                np.left_shift(b, 31, out=t, dtype=np.uint32)
+                t ^= scale_bits
+                out[j:j + m] += tmp[:m]
         else:
             table = self._table
             pieces = (n + SUB - 1) // SUB

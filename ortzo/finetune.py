@@ -140,6 +140,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
         bar.close()
     plot_curves(history, run / "curve.png", title=f"MeZO on {task.name}: {model_dir.name}")
     _print_table(history)
+    print(f"{task.name}: zero-shot accuracy {history[0]['eval_accuracy']:.4f} -> {history[-1]['eval_accuracy']:.4f} "
+          f"after {history[-1]['step']} MeZO steps ({history[-1]['train_seconds'] / 60:.1f} min); "
+          f"metrics {metrics_path}, plot {run / 'curve.png'}")
     return {"zero_shot_accuracy": history[0]["eval_accuracy"], "final_accuracy": history[-1]["eval_accuracy"],
             "steps": history[-1]["step"], "train_seconds": history[-1]["train_seconds"]}
 
