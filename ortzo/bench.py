@@ -22,7 +22,7 @@ from .weights import WeightStore
 
 
 def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target: str, kinds: list[str]) -> None:
-    args = [str(model), str(batch_size), str(seq_len), str(repeats), target]
+    args = ["step", str(model), str(batch_size), str(seq_len), str(repeats), target]
     infer = _child(args + ["inference"])
     print(f"{model.name}: batch {batch_size} x seq {seq_len}, {repeats} repeats, median times")
     print(f"inference: forward {infer['forward_s']:.3f} s, peak RSS {infer['peak_rss_mib']:.0f} MiB")
@@ -35,9 +35,59 @@ def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target:
               f"{r['peak_rss_mib'] / infer['peak_rss_mib']:>12.2f}")
 
 
+def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> None:
+    """Peak RSS of the conversion pass on a random Llama of several GB (untied, fp32).
+
+    The model is built and exported by Optimum in their own processes; the pass that turns the
+    export into a trainable folder runs alone in a third, so its peak RSS is its own."""
+    hf, onnx_dir, out = work / "hf", work / "onnx", work / "trainable"
+    if not (hf / "config.json").is_file():
+        _child(["random-llama", str(hf), str(layers), str(hidden), str(intermediate), str(vocab)])
+    if not (onnx_dir / "model.onnx").is_file():
+        from optimum.exporters.onnx import main_export  # noqa: F401  (fail early without the extra)
+
+        subprocess.run([sys.executable, "-c", "import sys; from optimum.exporters.onnx import main_export; "
+                        "main_export(sys.argv[1], output=sys.argv[2], task='text-generation', opset=17)",
+                        str(hf), str(onnx_dir)], check=True)
+    r = _child(["convert", str(onnx_dir / "model.onnx"), str(hf), str(out)])
+    graph_mib = (out / "model.onnx").stat().st_size / 2**20
+    print(f"random Llama: {r['weights_bytes'] / 2**30:.2f} GiB of fp32 weights, weight-free graph {graph_mib:.1f} MiB")
+    print(f"conversion pass: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB = "
+          f"{r['peak_rss_mib'] * 2**20 / r['weights_bytes']:.2f} x the weight bytes")
+
+
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "ortzo.bench", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _random_llama(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # equal initializers would be merged by the exporter
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(folder)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _convert(onnx_path: Path, hf: Path, out: Path) -> dict:
+    import shutil
+
+    from .export import convert
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t = time.perf_counter()
+    m = convert(onnx_path, hf, out, {"file": "tokenizer.json", "add_bos": False, "bos_id": None, "pad_id": 0},
+                source={"model": str(hf)})
+    return {"seconds": time.perf_counter() - t, "weights_bytes": m.weights_bytes}
 
 
 def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_name: str, mode: str) -> dict:
@@ -46,8 +96,7 @@ def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_na
     target = load_target(target_name)
     session = ScoringSession(model, store, target)
     rng = np.random.default_rng(0)
-    vocab = manifest.parameters[0].shape[0]
-    ids = rng.integers(10, min(vocab, 30000), size=(batch_size, seq_len))
+    ids = rng.integers(10, 1000, size=(batch_size, seq_len))  # any ids: timing does not depend on them
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "position_ids": np.tile(np.arange(seq_len), (batch_size, 1)),
              "score_index": np.arange(batch_size) * seq_len + seq_len - 1,
@@ -72,7 +121,6 @@ def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_na
             steps.append((time.perf_counter() - t, directions.seconds))
         steps = steps[1:]  # the first step builds the noise table, if any
         result |= {"step_s": statistics.median(s for s, _ in steps), "perturb_s": statistics.median(p for _, p in steps)}
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -86,5 +134,12 @@ class _TimedDirections(Directions):
 
 
 if __name__ == "__main__":
-    m, b, s, r, tgt, mode = sys.argv[1:]
-    print(json.dumps(_measure(Path(m), int(b), int(s), int(r), tgt, mode)))
+    what, *a = sys.argv[1:]
+    if what == "step":
+        result = _measure(Path(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4], a[5])
+    elif what == "random-llama":
+        result = _random_llama(Path(a[0]), *map(int, a[1:]))
+    else:
+        result = _convert(Path(a[0]), Path(a[1]), Path(a[2]))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))

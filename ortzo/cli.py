@@ -54,6 +54,12 @@ def _bench(a: argparse.Namespace) -> None:
     bench_step(Path(a.model), a.batch_size, a.seq_len, a.repeats, a.target, a.directions)
 
 
+def _bench_export(a: argparse.Namespace) -> None:
+    from .bench import bench_export
+
+    bench_export(Path(a.work), a.layers, a.hidden, a.intermediate, a.vocab)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ortzo", description=__doc__)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
@@ -111,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--directions", nargs="+", choices=KINDS, default=list(KINDS))
     b.add_argument("--provider", "--target", dest="target", default="cpu")
     b.set_defaults(func=_bench)
+
+    x = sub.add_parser("bench-export", help="peak memory of the export pass on a random multi-GB Llama")
+    x.add_argument("--work", required=True, help="folder for the random model and its exports (~7 GB)")
+    x.add_argument("--layers", type=int, default=16)
+    x.add_argument("--hidden", type=int, default=1536)
+    x.add_argument("--intermediate", type=int, default=4096)
+    x.add_argument("--vocab", type=int, default=32000)
+    x.set_defaults(func=_bench_export)
     return p
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import re
 import shutil
 import tempfile
@@ -35,6 +34,9 @@ WEIGHTS = "weights.bin"
 GRAPH = "model.onnx"
 TOKENIZER = "tokenizer.json"
 DATA_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_index", "score_ids")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def resolve(model: str) -> Source:
         return Source("gguf", str(path))
     if path.is_dir():
         return Source("dir", str(path))
-    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+    if path.exists() or not _HUB_ID.match(model):
         raise OrtzoError(f"unknown model {model!r}: not an alias ({', '.join(known_models())}), "
                          "a .gguf file, a local folder or a hub id (owner/name)")
     return Source("hub", model)
@@ -136,9 +138,33 @@ def _hf_folder(source: Source, work: Path) -> Path:
 def _optimum_export(hf_dir: Path, out: Path, opset: int) -> None:
     from optimum.exporters.onnx import main_export
 
-    main_export(str(hf_dir), output=str(out), task="text-generation", opset=opset, device="cpu")
+    main_export(str(hf_dir), output=str(out), task="text-generation", opset=opset, device="cpu",
+                custom_onnx_configs=_with_position_ids(hf_dir))
     if not (out / GRAPH).is_file():
         raise OrtzoError(f"Optimum wrote no {GRAPH} for {hf_dir}")
+
+
+def _with_position_ids(hf_dir: Path) -> dict[str, Any] | None:
+    """Optimum's config for the architecture, with a `position_ids` input if it lacks one.
+
+    Left-padded batches need explicit positions; Optimum's Gemma 3 config, for one, has none and
+    the graph would number padded rows from their padding."""
+    from optimum.exporters.tasks import TasksManager
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    ctor = TasksManager.get_exporter_config_constructor("onnx", task="text-generation", model_type=config.model_type,
+                                                        library_name="transformers")
+    onnx_config = ctor(config, task="text-generation")
+    if "position_ids" in onnx_config.inputs:
+        return None
+
+    class WithPositionIds(type(onnx_config)):
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            return super().inputs | {"position_ids": {0: "batch_size", 1: "sequence_length"}}
+
+    return {"model": WithPositionIds(config, task="text-generation", use_past=False, use_past_in_inputs=False)}
 
 
 def export_tokenizer(source: Source, hf_dir: Path, out: Path) -> dict[str, Any]:
@@ -147,32 +173,67 @@ def export_tokenizer(source: Source, hf_dir: Path, out: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     if source.kind == "gguf":
+        import gguf as gguf_lib
+
         gguf = Path(source.location)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        meta = _gguf_tokenizer_meta(gguf)
+        fields = gguf_lib.GGUFReader(str(gguf)).fields
+        meta = _gguf_tokenizer_meta(fields)
+        if meta["model"] == "llama":  # SentencePiece pieces + scores: transformers 4.57 builds a wrong Unigram
+            backend = _spm_bpe_from_gguf(fields)
+        else:
+            backend = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).backend_tokenizer
         add_bos = bool(meta.get("add_bos_token", False))
         bos, pad = meta.get("bos_token_id"), meta.get("padding_token_id", meta.get("eos_token_id"))
     else:
         tok = AutoTokenizer.from_pretrained(hf_dir)
+        if not tok.is_fast:
+            raise OrtzoError(f"{source.location}: only fast (tokenizers) tokenizers are supported")
+        backend = tok.backend_tokenizer
         add_bos = bool(getattr(tok, "add_bos_token", False))
         bos, pad = tok.bos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if not tok.is_fast:
-        raise OrtzoError(f"{source.location}: only fast (tokenizers) tokenizers are supported")
-    tok.backend_tokenizer.save(str(out / TOKENIZER))
+    backend.save(str(out / TOKENIZER))
     return {"file": TOKENIZER, "add_bos": add_bos and bos is not None, "bos_id": bos,
             "pad_id": int(pad) if pad is not None else 0}
 
 
-def _gguf_tokenizer_meta(path: Path) -> dict[str, Any]:
-    import gguf
-
-    fields = gguf.GGUFReader(str(path)).fields
-    meta = {}
+def _gguf_tokenizer_meta(fields: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"model": bytes(fields["tokenizer.ggml.model"].parts[-1]).decode()}
     for key in ("add_bos_token", "bos_token_id", "eos_token_id", "padding_token_id"):
         f = fields.get(f"tokenizer.ggml.{key}")
         if f is not None:
             meta[key] = f.parts[f.data[0]].tolist()[0]
     return meta
+
+
+def _spm_bpe_from_gguf(fields: dict[str, Any]):  # -> tokenizers.Tokenizer
+    """A SentencePiece-BPE vocabulary (pieces and scores, no merge list) as a `tokenizers` BPE.
+
+    llama.cpp merges the adjacent pair whose joined piece scores highest; a BPE whose merges are
+    every (left, right) split of every piece, ranked by the joined piece's score, does the same.
+    User-defined pieces (runs of spaces, newlines) match the raw text first, as in llama.cpp.
+    Characters outside the vocabulary fall back to <0xNN> byte pieces."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tf = fields["tokenizer.ggml.tokens"]
+    pieces = [bytes(tf.parts[i]).decode("utf-8") for i in tf.data]
+    sf, tt = fields["tokenizer.ggml.scores"], fields["tokenizer.ggml.token_type"]
+    scores = [float(sf.parts[i][0]) for i in sf.data]
+    user_defined = [p for p, i in zip(pieces, tt.data) if int(tt.parts[i][0]) == 4]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece, score in zip(pieces, scores):
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                merges.append((-score, vocab[left], vocab[right], left, right))
+    merges.sort()
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], byte_fallback=True,
+                               unk_token=pieces[int(unk.parts[unk.data[0]][0])] if unk else None))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in user_defined])
+    return tok
 
 
 def _pytorch_params(hf_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -197,8 +258,10 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     shapes = _pytorch_params(hf_dir)
-    config = json.loads((hf_dir / "config.json").read_text())
-    tied = {"lm_head.weight": _embedding_name(g)} if config.get("tie_word_embeddings") else {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir)  # defaults included: tie_word_embeddings is often implicit
+    tied = {"lm_head.weight": _embedding_name(g)} if config.tie_word_embeddings else {}
 
     consumers: dict[str, list[Any]] = {}
     for node in g.node:
@@ -256,7 +319,7 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     inputs = tuple(i.name for i in g.input if i.name in DATA_INPUTS)
     manifest = Manifest(graph=GRAPH, weights=WEIGHTS, weights_sha256=h.hexdigest(), weights_bytes=offset,
                         parameters=tuple(params), inputs=inputs, outputs=("scores",), tokenizer=tokenizer,
-                        tied=tied, source=source | {"architecture": (config.get("architectures") or ["?"])[0]})
+                        tied=tied, source=source | {"architecture": (config.architectures or ["?"])[0]})
     manifest.save(out)
     return manifest
 

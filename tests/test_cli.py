@@ -76,7 +76,8 @@ def test_bad_inputs_get_one_line_and_exit_2(tiny_model, tiny_data, tmp_path, cap
     (bad / "train.jsonl").write_text('{"text": "x", "label": 1}\n')
     (bad / "validation.jsonl").write_text('{"text": "x", "label": 1}\n')
     _expect_error(capsys, [*base[:3], str(bad), "--steps", "1", "--task", "sst2", "--out", str(run)], "missing field")
-    _expect_error(capsys, ["export", "no-such-alias", "--out", str(tmp_path / "x")], "unknown model")
+    _expect_error(capsys, ["export", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x")], "unknown model")
+    _expect_error(capsys, ["export", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")], "GGUF file not found")
     _expect_error(capsys, ["eval", str(tmp_path)], "neither")
 
 

