@@ -54,6 +54,8 @@ def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab:
     print(f"random Llama: {r['weights_bytes'] / 2**30:.2f} GiB of fp32 weights, weight-free graph {graph_mib:.1f} MiB")
     print(f"conversion pass: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB = "
           f"{r['peak_rss_mib'] * 2**20 / r['weights_bytes']:.2f} x the weight bytes")
+    c = _child(["check", str(out), str(hf)])
+    print(f"the folder loads in ORT: max |ORT - PyTorch| over scored log-probs = {c['max_abs_diff']:.2e}")
 
 
 def _child(args: list[str]) -> dict:
@@ -76,14 +78,36 @@ def _random_llama(folder: Path, layers: int, hidden: int, intermediate: int, voc
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 
+def _check(folder: Path, hf: Path) -> dict:
+    """Scores of the trainable folder against the PyTorch model it came from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .batches import collate
+
+    store = WeightStore.load(folder, Manifest.load(folder))
+    session = ScoringSession(folder, store, load_target("cpu"))
+    feeds = collate([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0, np.array([1, 2, 3]))
+    got = session(feeds)
+    del session, store
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(**{k: torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    want = torch.log_softmax(logits[:, -1], -1)[:, [1, 2, 3]].numpy()
+    return {"max_abs_diff": float(np.abs(got - want).max())}
+
+
 def _convert(onnx_path: Path, hf: Path, out: Path) -> dict:
     import shutil
 
     from .export import convert
 
+    from tokenizers import Tokenizer, models
+
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(out / "tokenizer.json"))  # no text here
     t = time.perf_counter()
     m = convert(onnx_path, hf, out, {"file": "tokenizer.json", "add_bos": False, "bos_id": None, "pad_id": 0},
                 source={"model": str(hf)})
@@ -137,6 +161,8 @@ if __name__ == "__main__":
     what, *a = sys.argv[1:]
     if what == "step":
         result = _measure(Path(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4], a[5])
+    elif what == "check":
+        result = _check(Path(a[0]), Path(a[1]))
     elif what == "random-llama":
         result = _random_llama(Path(a[0]), *map(int, a[1:]))
     else:

@@ -254,6 +254,7 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json."""
     import onnx
     from onnx import helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
@@ -305,6 +306,8 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
             del arr, data
     del g.initializer[:]
     g.initializer.extend(keep)
+    # What remains external is small (graph constants, Constant nodes): pull it into the graph.
+    load_external_data_for_model(model, base)
     for node in g.node:
         for i, name in enumerate(node.input):
             if name in rename:
