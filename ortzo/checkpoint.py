@@ -24,20 +24,22 @@ def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2) -> Path:
     """Write checkpoint `step` (steps 0..step-1 applied); keep the newest `keep`."""
     folder = run_dir / DIR / f"step-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    sha = store.save(folder / "weights.bin")
-    write_json(folder / "checkpoint.json", {"steps_applied": step, "sha256": sha})
+    meta = {"steps_applied": step, "sha256": store.save(folder / "weights.bin")}
+    if store.masters:
+        meta["masters"] = list(store.masters)
+        meta["masters_sha256"] = store.save_masters(folder / "masters.bin")
+    write_json(folder / "checkpoint.json", meta)
     for old in sorted((run_dir / DIR).glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return folder
 
 
-def latest(run_dir: Path) -> tuple[int, Path, str] | None:
-    """(steps applied, weight file, sha256) of the newest complete checkpoint."""
+def latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, checkpoint.json) of the newest complete checkpoint."""
     for folder in sorted((run_dir / DIR).glob("step-*"), reverse=True):
         meta = folder / "checkpoint.json"
         if meta.is_file() and (folder / "weights.bin").is_file():
-            d = json.loads(meta.read_text())
-            return int(d["steps_applied"]), folder / "weights.bin", d["sha256"]
+            return folder, json.loads(meta.read_text())
     return None
 
 
@@ -48,10 +50,16 @@ def restore(run_dir: Path, store_loader, buffers_of, directions: Directions) -> 
     buffers in the order the run used."""
     records = steplog.read(run_dir / STEPS)
     found = latest(run_dir)
-    if found is not None and found[0] > len(records):
-        raise OrtzoError(f"{run_dir}: checkpoint at step {found[0]} is newer than the step log ({len(records)} steps)")
-    start, weights, sha = found if found is not None else (0, None, None)
-    store = store_loader(weights, sha)
+    if found is None:
+        start, store = 0, store_loader(None, None)
+    else:
+        folder, meta = found
+        start = int(meta["steps_applied"])
+        if start > len(records):
+            raise OrtzoError(f"{run_dir}: checkpoint at step {start} is newer than the step log ({len(records)} steps)")
+        store = store_loader(folder / "weights.bin", meta["sha256"])
+        if "masters" in meta:
+            store.load_masters(folder / "masters.bin", meta["masters"], meta["masters_sha256"])
     buffers = buffers_of(store)
     replay(buffers, records[start:], directions, decay_mask(buffers))
     return store, records

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 def _export(a: argparse.Namespace) -> None:
     from .export import export_model
 
-    m = export_model(a.model, a.out, opset=a.opset, force=a.force)
+    m = export_model(a.model, a.out, opset=a.opset, force=a.force, dtype=a.dtype)
     print(f"wrote {a.out}: {len(m.parameters)} parameters, {sum(p.size for p in m.parameters):,} weights, "
           f"{m.weights_bytes / 2**20:.1f} MiB")
 
@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="stored weights; fp16 trains through fp32 master copies")
     e.set_defaults(func=_export)
 
     f = sub.add_parser("finetune", help="fine-tune with MeZO through ONNX Runtime")
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--train-examples", type=int)
     f.add_argument("--k-shot", type=int, help="k training examples per class instead")
     f.add_argument("--eval-examples", type=int, help="default: the whole validation split")
+    f.add_argument("--dev-examples", type=int, help="also evaluate on N train-split rows kept out of training")
     f.add_argument("--eval-every", type=int)
     f.add_argument("--eval-batch-size", type=int)
     f.add_argument("--checkpoint-every", type=int)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class Splits:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     note: str | None = None
+    dev: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_split(task: Task, data: str | None, split: str) -> list[dict[str, Any]] | None:
@@ -94,8 +95,11 @@ def _check(task: Task, rows: list[dict[str, Any]], source: str) -> None:
 
 
 def make_splits(task: Task, data: str | None, *, train_examples: int | None = 1000, k_shot: int | None = None,
-                eval_examples: int | None = None, seed: int = 0) -> Splits:
+                eval_examples: int | None = None, dev_examples: int | None = None, seed: int = 0) -> Splits:
     """Training examples from the train split and evaluation examples from the validation split.
+
+    MeZO's large-model setting is 1000 train / 500 dev / 1000 test: `dev_examples` are drawn from
+    the training pool, disjoint from the training sample, and the validation split is the test.
 
     A task with no train split here (BoolQ ships validation only) has its validation split cut
     in two by a fixed permutation: the last `eval_examples` (default a third) for evaluation,
@@ -116,16 +120,22 @@ def make_splits(task: Task, data: str | None, *, train_examples: int | None = 10
                 f"{len(train_pool)} training and {len(eval_pool)} evaluation rows")
     rng = np.random.default_rng(seed)
     if k_shot:
-        train = []
+        chosen = []
         for label in range(len(task.label_words)):
             idx = [i for i, r in enumerate(train_pool) if r[task.label_field] == label]
             if len(idx) < k_shot:
                 raise OrtzoError(f"task {task.name}: class {label} has {len(idx)} training rows, fewer than k={k_shot}")
-            train += [train_pool[i] for i in sorted(rng.choice(idx, k_shot, replace=False))]
+            chosen += sorted(rng.choice(idx, k_shot, replace=False).tolist())
     elif train_examples and train_examples < len(train_pool):
-        train = [train_pool[i] for i in sorted(rng.choice(len(train_pool), train_examples, replace=False))]
+        chosen = sorted(rng.choice(len(train_pool), train_examples, replace=False).tolist())
     else:
-        train = train_pool
+        chosen = list(range(len(train_pool)))
+    dev = []
+    if dev_examples:
+        rest = sorted(set(range(len(train_pool))) - set(chosen))
+        if dev_examples > len(rest):
+            raise OrtzoError(f"task {task.name}: {len(rest)} training rows left, fewer than {dev_examples} for dev")
+        dev = [train_pool[i] for i in sorted(rng.choice(rest, dev_examples, replace=False))]
     if eval_examples and eval_examples < len(eval_pool):
         eval_pool = [eval_pool[i] for i in sorted(rng.choice(len(eval_pool), eval_examples, replace=False))]
-    return Splits(train, eval_pool, note)
+    return Splits([train_pool[i] for i in chosen], eval_pool, note, dev)

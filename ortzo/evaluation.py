@@ -33,7 +33,7 @@ def evaluate_folder(path: Path, task_name: str | None, data: str | None, eval_ex
     target = load_target(target_name)
     if cfg:
         def trained(store: WeightStore):
-            return [store.arrays[n] for n in store.select(cfg["include"], cfg["exclude"])]
+            return store.trainable(store.select(cfg["include"], cfg["exclude"]))
 
         store, records = checkpoint.restore(
             path, lambda w=None, s=None: WeightStore.load(model_dir, manifest, w, s), trained,

@@ -93,7 +93,7 @@ def _packaged_gguf(d: dict[str, Any]) -> Path:
     return path
 
 
-def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False) -> Manifest:
+def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32") -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then renamed)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -108,7 +108,7 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         build.mkdir()
         tok = export_tokenizer(source, hf_dir, build)
         manifest = convert(tmp / "onnx" / GRAPH, hf_dir, build, tok,
-                           source={"model": model, "kind": source.kind, "location": source.location})
+                           source={"model": model, "kind": source.kind, "location": source.location}, dtype=dtype)
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)
@@ -250,8 +250,13 @@ def _pytorch_params(hf_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
-            source: dict[str, Any]) -> Manifest:
-    """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json."""
+            source: dict[str, Any], dtype: str = "float32") -> Manifest:
+    """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json.
+
+    dtype "float16" stores the weights in fp16 (half the file and the resident weights); the
+    graph casts each to fp32 where it is used, so compute stays fp32 on every provider."""
+    if dtype not in ("float32", "float16"):
+        raise OrtzoError(f"unsupported --dtype {dtype!r}; choose float32 or float16")
     import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
@@ -291,7 +296,7 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
             if pt_name in tied:  # a second copy of a tied weight: point it at the first
                 rename[init.name] = _retie(g, init, originals.get(tied[pt_name]), base)
                 continue
-            arr = numpy_helper.to_array(init, base).astype(np.float32, copy=False)
+            arr = numpy_helper.to_array(init, base).astype(dtype, copy=False)
             start = aligned(offset)
             pad = b"\0" * (start - offset)
             f.write(pad)
@@ -300,7 +305,7 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
             f.write(data)
             h.update(data)
             offset = start + arr.nbytes
-            params.append(Parameter(pt_name, tuple(arr.shape), "float32", start, transposed))
+            params.append(Parameter(pt_name, tuple(arr.shape), dtype, start, transposed))
             rename[init.name] = pt_name
             originals[pt_name] = init
             del arr, data
@@ -316,6 +321,8 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
         g.input.append(helper.make_tensor_value_info(p.name, onnx.TensorProto.FLOAT, list(p.shape)))
     _add_scoring_head(g)
     _prune(g)
+    if dtype == "float16":
+        _cast_weights(g, [p.name for p in params])
     onnx.checker.check_model(model)
     with atomic_open(out / GRAPH, "wb") as fo:
         fo.write(model.SerializeToString())
@@ -397,6 +404,28 @@ def _add_scoring_head(g) -> None:
                     helper.make_tensor_value_info("score_ids", TensorProto.INT64, ["n_scored", "n_candidates"])])
     del g.output[:]
     g.output.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n_scored", "n_candidates"]))
+
+
+def _cast_weights(g, names: list[str]) -> None:
+    """Make weight inputs fp16, each cast to fp32 just before its first use, so that ORT need
+    not hold every fp32 copy at once."""
+    from onnx import TensorProto, helper
+
+    for i in g.input:
+        if i.name in names:
+            i.type.tensor_type.elem_type = TensorProto.FLOAT16
+    pending, nodes = set(names), []
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in names:
+                if name in pending:
+                    nodes.append(helper.make_node("Cast", [name], [f"{name}/fp32"], to=TensorProto.FLOAT,
+                                                  name=f"ortzo/cast/{name}"))
+                    pending.discard(name)
+                node.input[j] = f"{name}/fp32"
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _prune(g) -> None:

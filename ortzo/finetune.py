@@ -51,6 +51,7 @@ class FinetuneConfig:
     train_examples: int | None = 1000
     k_shot: int | None = None
     eval_examples: int | None = None
+    dev_examples: int | None = None
     eval_every: int = 100
     eval_batch_size: int = 16
     checkpoint_every: int = 500
@@ -70,7 +71,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
     target = load_target(cfg.target)
     task = load_task(cfg.task)
     splits = make_splits(task, cfg.data, train_examples=cfg.train_examples, k_shot=cfg.k_shot,
-                         eval_examples=cfg.eval_examples, seed=cfg.seed)
+                         eval_examples=cfg.eval_examples, dev_examples=cfg.dev_examples, seed=cfg.seed)
     if splits.note:
         print(f"note: {splits.note}")
     encoder = Encoder(task, Tokenizer(model_dir, manifest.tokenizer), cfg.max_length)
@@ -78,7 +79,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
     _check_run_dir(run, cfg, resume)  # only once every input has been checked
 
     def trained(store: WeightStore) -> list[np.ndarray]:
-        return [store.arrays[n] for n in store.select(cfg.include, cfg.exclude)]
+        return store.trainable(store.select(cfg.include, cfg.exclude))
 
     def load(weights=None, sha=None) -> WeightStore:
         return WeightStore.load(model_dir, manifest, weights, sha)
@@ -99,11 +100,18 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
     train_labels = np.array([e[task.label_field] for e in splits.train], np.int64)
     metrics_path = run / "metrics.jsonl"
     history = _read_metrics(metrics_path) if resume else []
+    def measure(step: int, train_seconds: float, wall_seconds: float, train_loss: float | None) -> None:
+        row = {"step": step, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+               "train_loss": train_loss}
+        for name, examples in (("eval", splits.eval), ("dev", splits.dev)):
+            if examples:
+                r = evaluate(session, encoder, examples, cfg.eval_batch_size)
+                row |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
+        history.append(row)
+        _append(metrics_path, row)
+
     if not history:
-        zero = evaluate(session, encoder, splits.eval, cfg.eval_batch_size)
-        history.append({"step": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "train_loss": None,
-                        "eval_accuracy": zero["accuracy"], "eval_loss": zero["loss"]})
-        _append(metrics_path, history[-1])
+        measure(0, 0.0, 0.0, None)
     start = len(records)
     train_seconds, wall0 = history[-1]["train_seconds"], time.perf_counter() - history[-1]["wall_seconds"]
     log = steplog.StepLog(run / checkpoint.STEPS)
@@ -124,12 +132,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
             losses.append(record.loss)
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                ev = evaluate(session, encoder, splits.eval, cfg.eval_batch_size)
-                history.append({"step": done, "train_seconds": round(train_seconds, 3),
-                                "wall_seconds": round(time.perf_counter() - wall0, 3),
-                                "train_loss": float(np.mean(losses)), "eval_accuracy": ev["accuracy"],
-                                "eval_loss": ev["loss"]})
-                _append(metrics_path, history[-1])
+                measure(done, train_seconds, time.perf_counter() - wall0, float(np.mean(losses)))
                 losses = []
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint.save(run, store, done)
@@ -183,7 +186,9 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _print_table(history: list[dict]) -> None:
-    print(f"{'step':>7} {'train s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9}")
+    dev = "dev_accuracy" in history[0]
+    print(f"{'step':>7} {'train s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9}" + (f" {'dev acc':>8}" if dev else ""))
     for h in history:
         tl = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
-        print(f"{h['step']:>7} {h['train_seconds']:>9.1f} {tl:>10} {h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f}")
+        print(f"{h['step']:>7} {h['train_seconds']:>9.1f} {tl:>10} {h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f}"
+              + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))

@@ -12,14 +12,18 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [h["step"] for h in history]
-    acc = [h["eval_accuracy"] for h in history]
-    a.plot(steps, acc, marker="o")
+    minutes = [h["train_seconds"] / 60 for h in history]
+    for key in ("eval", "dev"):
+        if f"{key}_accuracy" in history[0]:
+            acc = [h[f"{key}_accuracy"] for h in history]
+            a.plot(steps, acc, marker="o", label=key)
+            b.plot(minutes, acc, marker="o", label=key)
     a.set_xlabel("MeZO steps")
-    a.set_ylabel("eval accuracy")
-    b.plot([h["train_seconds"] / 60 for h in history], acc, marker="o")
+    a.set_ylabel("accuracy")
     b.set_xlabel("training time (minutes, evaluation excluded)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

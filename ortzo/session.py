@@ -42,6 +42,7 @@ class ScoringSession:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Log-probabilities [N, K] of candidate ids `score_ids` at rows `score_index`."""
+        self.store.sync()
         for name in self.inputs:
             self.binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         self.binding.bind_output(OUTPUT)

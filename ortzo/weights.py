@@ -20,6 +20,10 @@ READ_BLOCK = 1 << 24
 
 
 class WeightStore:
+    """`arrays` are what the session reads. fp16 parameters that train get fp32 `masters`
+    (MeZO's +eps/-2eps/+eps round trip does not restore fp16 values, and 1e-6 updates vanish
+    in fp16); `sync` rounds the masters into the fp16 arrays before a forward."""
+
     def __init__(self, manifest: Manifest, buffer: np.ndarray) -> None:
         self.manifest = manifest
         self.buffer = buffer
@@ -27,6 +31,43 @@ class WeightStore:
             p.name: buffer[p.offset:p.offset + p.nbytes].view(p.dtype).reshape(p.shape)
             for p in manifest.parameters
         }
+        self.masters: dict[str, np.ndarray] = {}
+
+    def trainable(self, names: Sequence[str]) -> list[np.ndarray]:
+        """The float32 buffers an optimizer changes: the arrays themselves, or fp32 masters."""
+        out = []
+        for n in names:
+            a = self.arrays[n]
+            if a.dtype != np.float32 and n not in self.masters:
+                self.masters[n] = a.astype(np.float32)
+            out.append(self.masters.get(n, a))
+        return out
+
+    def sync(self) -> None:
+        for n, m in self.masters.items():
+            np.copyto(self.arrays[n], m, casting="same_kind")
+
+    def save_masters(self, path: str | Path) -> str:
+        """The fp32 masters, concatenated in creation order, atomically; returns the sha256."""
+        h = hashlib.sha256()
+        with atomic_open(path, "wb") as f:
+            for m in self.masters.values():
+                data = memoryview(m).cast("B")
+                h.update(data)
+                f.write(data)
+        return h.hexdigest()
+
+    def load_masters(self, path: str | Path, names: Sequence[str], sha256: str) -> None:
+        data = Path(path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise OrtzoError(f"checksum mismatch for {path}: the master weights are corrupt")
+        pos = 0
+        for n in names:
+            shape = self.arrays[n].shape
+            m = np.frombuffer(data, np.float32, count=int(np.prod(shape)), offset=pos).reshape(shape).copy()
+            self.masters[n] = m
+            pos += m.nbytes
+        self.sync()
 
     @classmethod
     def load(cls, folder: str | Path, manifest: Manifest, weights: str | Path | None = None,
@@ -55,7 +96,8 @@ class WeightStore:
         return cls(manifest, buffer)
 
     def save(self, path: str | Path) -> str:
-        """Write the whole buffer atomically; returns its sha256."""
+        """Write the whole buffer atomically (masters rounded in first); returns its sha256."""
+        self.sync()
         h = hashlib.sha256()
         view = memoryview(self.buffer)
         with atomic_open(path, "wb") as f:

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from tiny import make_tiny_llama
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The project's data folder: $ORTZO_DATA, else ../shared/data beside the checkout.
+SHARED_DATA = Path(os.environ.get("ORTZO_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +24,15 @@ def tiny_model(tiny_hf, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export_model(str(tiny_hf), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_fp16(tiny_hf, tmp_path_factory) -> Path:
+    from ortzo.export import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "tiny16"
+    export_model(str(tiny_hf), out, dtype="float16")
     return out
 
 

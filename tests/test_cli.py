@@ -20,9 +20,10 @@ def _finetune(model, data, out, *extra):
 
 def test_finetune_then_eval(tiny_model, tiny_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert _finetune(tiny_model, tiny_data, run) == 0
+    assert _finetune(tiny_model, tiny_data, run, "--dev-examples", "8") == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 6, 12]
+    assert all(0 <= m["dev_accuracy"] <= 1 for m in metrics)
     assert metrics[0]["train_loss"] is None and metrics[-1]["train_seconds"] > 0
     assert len((run / "steps.jsonl").read_text().splitlines()) == 12
     assert (run / "curve.png").stat().st_size > 1000
@@ -35,7 +36,11 @@ def test_finetune_then_eval(tiny_model, tiny_data, tmp_path, capsys):
     assert result["loss"] == pytest.approx(metrics[-1]["eval_loss"], rel=1e-6)
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_model, tiny_data, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_resume_equals_an_uninterrupted_run(tiny_model, tiny_model_fp16, tiny_data, tmp_path, dtype):
+    """float16: the checkpoint must carry the fp32 masters, not only their fp16 rounding."""
+    if dtype == "float16":
+        tiny_model = tiny_model_fp16
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert _finetune(tiny_model, tiny_data, whole) == 0
     assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(parts),
@@ -43,8 +48,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_model, tiny_data, tmp_path):
     shutil.rmtree(parts / "checkpoints" / "step-0000010")  # as if it crashed after logging step 10
     assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(parts),
                  *TRAIN, "--resume"]) == 0
-    final = "checkpoints/step-0000012/weights.bin"
-    assert (whole / final).read_bytes() == (parts / final).read_bytes()
+    final = "checkpoints/step-0000012"
+    for name in ("weights.bin", "masters.bin") if dtype == "float16" else ("weights.bin",):
+        assert (whole / final / name).read_bytes() == (parts / final / name).read_bytes()
     assert (whole / "steps.jsonl").read_text().splitlines()[5] == (parts / "steps.jsonl").read_text().splitlines()[5]
 
 

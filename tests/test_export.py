@@ -105,3 +105,19 @@ def test_gemma3_gets_position_ids_and_one_embedding_buffer(tmp_path):
     feeds = collate(encoded, 1, np.array([5, 6, 7]))
     want = _torch_logprobs(hf, feeds)[feeds["score_index"]][:, [5, 6, 7]]
     np.testing.assert_allclose(session(feeds), want, atol=2e-5)
+
+
+def test_fp16_folder_computes_with_fp16_rounded_weights(tiny_hf, tiny_model, tiny_model_fp16):
+    m16 = Manifest.load(tiny_model_fp16)
+    assert {p.dtype for p in m16.parameters} == {"float16"}
+    assert m16.weights_bytes < 0.6 * Manifest.load(tiny_model).weights_bytes
+    _, _, session = _session(tiny_model_fp16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    feeds = collate([[3, 4, 5, 6, 7], [8, 9]], 1, np.array([7, 40]))
+    with torch.no_grad():
+        logits = model(**{k: torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    want = torch.log_softmax(logits[:, -1], -1)[:, [7, 40]].numpy()
+    np.testing.assert_allclose(session(feeds), want, atol=2e-5)

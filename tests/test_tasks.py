@@ -91,6 +91,11 @@ def test_splits_are_reproducible_and_k_shot_is_per_class(tiny_data):
     assert a.train == b.train and a.train != c.train and len(a.train) == 20 and len(a.eval) == 32
     k = make_splits(task, str(tiny_data), k_shot=5, seed=0)
     assert sorted(r["label"] for r in k.train) == [0] * 5 + [1] * 5
+    d = make_splits(task, str(tiny_data), train_examples=20, dev_examples=10, seed=3)
+    assert d.train == a.train and len(d.dev) == 10
+    assert not {r["idx"] for r in d.dev} & {r["idx"] for r in d.train}
+    with pytest.raises(OrtzoError, match="for dev"):
+        make_splits(task, str(tiny_data), train_examples=60, dev_examples=10)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "boolq").is_dir(), reason="needs ../shared/data")

@@ -78,3 +78,21 @@ def test_select_by_patterns(tiny_model):
     assert names and all("layers.1" in n and "norm" not in n for n in names)
     with pytest.raises(OrtzoError, match="no parameter"):
         store.select(["nothing*"])
+
+
+def test_fp16_weights_train_through_fp32_masters(tiny_model_fp16):
+    """Updates far below fp16 resolution accumulate in the masters; the session reads their rounding."""
+    from ortzo.directions import Directions
+
+    store, session = _open(tiny_model_fp16)
+    names = store.select(["*mlp*"])
+    before = {n: store.arrays[n].astype(np.float32) for n in names}
+    masters = store.trainable(names)
+    assert all(m.dtype == np.float32 for m in masters)
+    d = Directions()
+    for t in range(20):
+        d.add(masters, seed=t, scale=1e-6)
+    session(FEEDS)  # a forward syncs the masters into the bound fp16 arrays
+    for n, m in zip(names, masters):
+        assert np.abs(m - before[n]).max() > 1e-5  # moved, in fp32
+        np.testing.assert_array_equal(store.arrays[n], m.astype(np.float16))
