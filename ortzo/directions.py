@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,9 +48,9 @@ class Directions:
         flats = [_flat(b) for b in buffers]
         work = [(b, c) for b, f in enumerate(flats) for c in range(0, f.size, CHUNK)]
         scale32 = np.float32(scale)
-        if self.kind == "gaussian-table":
-            self._table  # build once, outside the threads
-        run = lambda bc: self._add_chunk(flats[bc[0]][bc[1]:bc[1] + CHUNK], (seed, bc[0], bc[1] // CHUNK), scale32)
+        table = self._table if self.kind == "gaussian-table" else None  # built once, outside the threads
+        run = lambda bc: self._add_chunk(flats[bc[0]][bc[1]:bc[1] + CHUNK], (seed, bc[0], bc[1] // CHUNK), scale32,
+                                         table)
         if self._pool is None:
             for bc in work:
                 run(bc)
@@ -63,7 +63,8 @@ class Directions:
         self.add(zs, seed, 1.0)
         return zs
 
-    def _add_chunk(self, out: np.ndarray, key: tuple[int, int, int], scale: np.float32) -> None:
+    def _add_chunk(self, out: np.ndarray, key: tuple[int, int, int], scale: np.float32,
+                   table: np.ndarray | None) -> None:
         rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(key)))
         n = out.size
         tmp = np.empty(min(SUB, n), np.float32)
@@ -85,7 +86,6 @@ class Directions:
                 t ^= scale_bits
                 out[j:j + m] += tmp[:m]
         else:
-            table = self._table
             pieces = (n + SUB - 1) // SUB
             offsets = rng.integers(0, TABLE_SIZE - SUB, size=pieces)
             flips = rng.integers(0, 2, size=pieces)

@@ -96,6 +96,8 @@ def _packaged_gguf(d: dict[str, Any]) -> Path:
 def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32") -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then renamed)."""
     out = Path(out)
+    if dtype not in ("float32", "float16"):
+        raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if out.exists() and any(out.iterdir()) and not force:
         raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
     source = resolve(model)
@@ -255,8 +257,6 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
 
     dtype "float16" stores the weights in fp16 (half the file and the resident weights); the
     graph casts each to fp32 where it is used, so compute stays fp32 on every provider."""
-    if dtype not in ("float32", "float16"):
-        raise OrtzoError(f"unsupported --dtype {dtype!r}; choose float32 or float16")
     import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model

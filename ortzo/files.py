@@ -1,13 +1,13 @@
 """Atomic writes and checksums: a crash or a bad input never leaves half a file behind."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
+from collections.abc import Iterator
 
 
 @contextmanager
@@ -39,10 +39,3 @@ def write_json(path: str | Path, obj: Any) -> None:
         json.dump(obj, f, indent=1)
         f.write("\n")
 
-
-def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()

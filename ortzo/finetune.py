@@ -100,6 +100,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
     train_labels = np.array([e[task.label_field] for e in splits.train], np.int64)
     metrics_path = run / "metrics.jsonl"
     history = _read_metrics(metrics_path) if resume else []
+
     def measure(step: int, train_seconds: float, wall_seconds: float, train_loss: float | None) -> None:
         row = {"step": step, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
                "train_loss": train_loss}
@@ -122,11 +123,14 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
             idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
             batch = encoder.batch([train_ids[i] for i in idx], train_labels[idx])
             t0 = time.perf_counter()
-            record = mezo_step(buffers, lambda: loss(session(batch.feeds), batch.labels), step=step,
-                               seed=step_seed(cfg.seed, step), eps=cfg.eps,
-                               lr=lr_at(step, cfg.steps, cfg.lr, cfg.schedule), directions=directions,
-                               n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
-                               decay=decay)
+            try:
+                record = mezo_step(buffers, lambda b=batch: loss(session(b.feeds), b.labels), step=step,
+                                   seed=step_seed(cfg.seed, step), eps=cfg.eps,
+                                   lr=lr_at(step, cfg.steps, cfg.lr, cfg.schedule), directions=directions,
+                                   n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
+                                   decay=decay)
+            except FloatingPointError as e:
+                raise OrtzoError(f"{e}; the run stopped before logging it (try a smaller --lr or --clip)") from None
             train_seconds += time.perf_counter() - t0
             log.append(record)
             losses.append(record.loss)

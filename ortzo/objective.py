@@ -1,7 +1,7 @@
 """Classification by label-word scores: the loss MeZO minimises and the accuracy we report."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -68,7 +68,8 @@ def load_task(name_or_spec: str) -> Task:
                     label_words=tuple(str(w) for w in d["label_words"]),
                     label_field=str(d.get("label_field", "label")), truncate_field=d.get("truncate_field"),
                     data=str((path.parent / data).resolve()) if data else None)
-        task.fields  # parses the template: unbalanced braces fail here
+        if not task.fields:  # parsing the template also rejects unbalanced braces
+            raise OrtzoError(f"bad task spec {path}: the template has no {{field}} placeholder")
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as e:
         raise OrtzoError(f"bad task spec {path}: {type(e).__name__}: {e}") from None
     if len(task.label_words) < 2:

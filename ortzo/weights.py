@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -114,9 +114,6 @@ class WeightStore:
         if not names:
             raise OrtzoError(f"no parameter matches include={list(include)} exclude={list(exclude)}")
         return names
-
-    def checksum(self) -> str:
-        return hashlib.sha256(memoryview(self.buffer)).hexdigest()
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
