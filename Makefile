@@ -28,7 +28,7 @@ $(MODEL)/manifest.json: | setup
 demo: setup $(MODEL)/manifest.json
 	rm -rf runs/demo
 	$(VENV)/bin/ortzo finetune $(MODEL) --task sst2 --data $(DATA)/sst2 --out runs/demo \
-		--steps 200 --lr 1e-4 --eval-every 100 --eval-examples 872
+		--steps 200 --lr 5e-5 --clip 30 --eval-every 100 --eval-examples 872
 
 bench: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64
@@ -36,7 +36,7 @@ bench: setup $(MODEL)/manifest.json
 # The accuracy run of the README: 1000 training examples, the whole validation set.
 accuracy: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo finetune $(MODEL) --task sst2 --data $(DATA)/sst2 --out runs/sst2-accuracy \
-		--steps 1000 --lr 1e-4 --eval-every 100 --checkpoint-every 100 $(if $(wildcard runs/sst2-accuracy/config.json),--resume,)
+		--steps 1000 --lr 5e-5 --clip 30 --eval-every 100 --checkpoint-every 100 $(if $(wildcard runs/sst2-accuracy/config.json),--resume,)
 
 clean:
 	rm -rf runs $(MODEL)

@@ -135,7 +135,7 @@ def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_na
     result = {"forward_s": statistics.median(fwd)}
     if mode != "inference":
         directions = _TimedDirections(mode, target.direction_threads or None)
-        buffers = list(store.arrays.values())
+        buffers = store.trainable(list(store.arrays))  # fp32 masters for fp16 weights
         steps = []
         for step in range(repeats + 1):
             directions.seconds = 0.0

@@ -120,3 +120,16 @@ def test_drives_pytorch_parameters_through_numpy_views(tiny_hf):
     for t in range(60):
         mezo_step(buffers, loss_fn, step=t, seed=t, eps=1e-3, lr=1e-2, directions=d)
     assert loss_fn() < start
+
+
+def test_loss_falls_through_the_ort_session(tiny_model):
+    """Two forwards of the inference session per step are enough to fit a small batch."""
+    store, session = _ort(tiny_model)
+    feeds = collate(ENCODED, 1, CANDIDATES)
+    buffers = list(store.arrays.values())
+    loss_fn = lambda: loss(session(feeds), LABELS)  # noqa: E731
+    start = loss_fn()
+    d = Directions()
+    for t in range(150):
+        mezo_step(buffers, loss_fn, step=t, seed=t, eps=1e-3, lr=2e-3, directions=d)
+    assert loss_fn() < 0.5 * start
