@@ -255,17 +255,17 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
             source: dict[str, Any], dtype: str = "float32") -> Manifest:
     """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json.
 
-    dtype "float16" stores the weights in fp16 (half the file and the resident weights); the
-    graph casts each to fp32 where it is used, so compute stays fp32 on every provider."""
+    dtype "float16" stores the weights in fp16 (half the file); the graph casts each to fp32
+    where it is used, so compute stays fp32 on every provider (on CPU the casts cost more
+    memory than fp16 saves: the README has the figures)."""
     import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
+    from transformers import AutoConfig
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     shapes = _pytorch_params(hf_dir)
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(hf_dir)  # defaults included: tie_word_embeddings is often implicit
     tied = {"lm_head.weight": _embedding_name(g)} if config.tie_word_embeddings else {}
 

@@ -65,6 +65,10 @@ RESUMABLE = {"steps", "eval_every", "checkpoint_every", "eval_batch_size"}
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict[str, float]:
+    # Absolute paths in the run's config, so `ortzo eval RUN` works from any folder.
+    cfg.model = str(Path(cfg.model).resolve())
+    if cfg.data and Path(cfg.data).is_dir():
+        cfg.data = str(Path(cfg.data).resolve())
     run = Path(cfg.out)
     model_dir = Path(cfg.model)
     manifest = Manifest.load(model_dir)
