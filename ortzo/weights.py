@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from fnmatch import fnmatch
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -49,13 +49,7 @@ class WeightStore:
 
     def save_masters(self, path: str | Path) -> str:
         """The fp32 masters, concatenated in creation order, atomically; returns the sha256."""
-        h = hashlib.sha256()
-        with atomic_open(path, "wb") as f:
-            for m in self.masters.values():
-                data = memoryview(m).cast("B")
-                h.update(data)
-                f.write(data)
-        return h.hexdigest()
+        return _write_hashed(path, (memoryview(m).cast("B") for m in self.masters.values()))
 
     def load_masters(self, path: str | Path, names: Sequence[str], sha256: str) -> None:
         data = Path(path).read_bytes()
@@ -98,14 +92,8 @@ class WeightStore:
     def save(self, path: str | Path) -> str:
         """Write the whole buffer atomically (masters rounded in first); returns its sha256."""
         self.sync()
-        h = hashlib.sha256()
         view = memoryview(self.buffer)
-        with atomic_open(path, "wb") as f:
-            for pos in range(0, len(view), READ_BLOCK):
-                block = view[pos:pos + READ_BLOCK]
-                h.update(block)
-                f.write(block)
-        return h.hexdigest()
+        return _write_hashed(path, (view[pos:pos + READ_BLOCK] for pos in range(0, len(view), READ_BLOCK)))
 
     def select(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> list[str]:
         """Names of the parameters that match an include pattern and no exclude pattern."""
@@ -114,6 +102,15 @@ class WeightStore:
         if not names:
             raise OrtzoError(f"no parameter matches include={list(include)} exclude={list(exclude)}")
         return names
+
+
+def _write_hashed(path: str | Path, blocks: Iterable[memoryview]) -> str:
+    h = hashlib.sha256()
+    with atomic_open(path, "wb") as f:
+        for block in blocks:
+            h.update(block)
+            f.write(block)
+    return h.hexdigest()
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:

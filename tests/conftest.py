@@ -8,6 +8,17 @@ import pytest
 
 from tiny import make_tiny_llama
 
+def open_folder(folder: Path, weights: Path | None = None, sha: str | None = None):
+    """(store, session) over a trainable folder, on the CPU target."""
+    from ortzo.manifest import Manifest
+    from ortzo.session import ScoringSession
+    from ortzo.targets import load_target
+    from ortzo.weights import WeightStore
+
+    store = WeightStore.load(folder, Manifest.load(folder), weights, sha)
+    return store, ScoringSession(folder, store, load_target("cpu"))
+
+
 # The project's data folder: $ORTZO_DATA, else ../shared/data beside the checkout.
 SHARED_DATA = Path(os.environ.get("ORTZO_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 

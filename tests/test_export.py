@@ -10,15 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from ortzo.batches import collate
 from ortzo.manifest import Manifest
-from ortzo.session import ScoringSession
-from ortzo.targets import load_target
-from ortzo.weights import WeightStore
 
-
-def _session(folder):
-    m = Manifest.load(folder)
-    store = WeightStore.load(folder, m)
-    return m, store, ScoringSession(folder, store, load_target("cpu"))
+from conftest import open_folder
 
 
 def _torch_logprobs(hf_dir, feeds):
@@ -30,7 +23,7 @@ def _torch_logprobs(hf_dir, feeds):
 
 
 def test_scores_equal_pytorch_log_probs(tiny_hf, tiny_model):
-    _, _, session = _session(tiny_model)
+    _, session = open_folder(tiny_model)
     rng = np.random.default_rng(0)
     encoded = [list(rng.integers(2, 300, size=n)) for n in (5, 11, 2, 8)]  # ragged: left padding matters
     feeds = collate(encoded, 1, np.array([7, 40, 99]))
@@ -42,7 +35,7 @@ def test_scores_equal_pytorch_log_probs(tiny_hf, tiny_model):
 
 def test_target_span_scores(tiny_hf, tiny_model):
     """Several positions per row with one candidate each: the log-likelihood of a span."""
-    _, _, session = _session(tiny_model)
+    _, session = open_folder(tiny_model)
     ids = np.array([[5, 6, 7, 8, 9, 10]])
     feeds = collate([ids[0].tolist()], 1, np.array([0]))
     feeds["score_index"] = np.array([2, 3, 4])  # predict tokens 3..5 from positions 2..4
@@ -52,7 +45,8 @@ def test_target_span_scores(tiny_hf, tiny_model):
 
 
 def test_parameters_carry_pytorch_names_and_values(tiny_hf, tiny_model):
-    m, store, _ = _session(tiny_model)
+    store, _ = open_folder(tiny_model)
+    m = store.manifest
     model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     names = [p.name for p in m.parameters]
@@ -75,7 +69,7 @@ def test_untied_model_keeps_its_own_lm_head(tmp_path):
     m = export_model(str(hf), tmp_path / "out")
     assert m.tied == {}
     assert m.param("lm_head.weight").transposed
-    _, _, session = _session(tmp_path / "out")
+    _, session = open_folder(tmp_path / "out")
     feeds = collate([[3, 4, 5, 6]], 1, np.array([1, 2]))
     np.testing.assert_allclose(session(feeds), _torch_logprobs(hf, feeds)[[3]][:, [1, 2]], atol=2e-5)
 
@@ -101,7 +95,7 @@ def test_gemma3_gets_position_ids_and_one_embedding_buffer(tmp_path):
     m = export_model(str(hf), tmp_path / "out")
     assert "position_ids" in m.inputs
     assert [p.name for p in m.parameters if "embed" in p.name or "lm_head" in p.name] == ["model.embed_tokens.weight"]
-    _, _, session = _session(tmp_path / "out")
+    _, session = open_folder(tmp_path / "out")
     encoded = [[3, 4, 5, 6, 7, 8, 9, 10], [8, 9, 10]]  # longer than the sliding window of 4, left padded
     feeds = collate(encoded, 1, np.array([5, 6, 7]))
     want = _torch_logprobs(hf, feeds)[feeds["score_index"]][:, [5, 6, 7]]
@@ -112,7 +106,7 @@ def test_fp16_folder_computes_with_fp16_rounded_weights(tiny_hf, tiny_model, tin
     m16 = Manifest.load(tiny_model_fp16)
     assert {p.dtype for p in m16.parameters} == {"float16"}
     assert m16.weights_bytes < 0.6 * Manifest.load(tiny_model).weights_bytes
-    _, _, session = _session(tiny_model_fp16)
+    _, session = open_folder(tiny_model_fp16)
     model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
     with torch.no_grad():
         for p in model.parameters():

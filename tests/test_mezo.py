@@ -11,25 +11,18 @@ from ortzo.directions import Directions
 from ortzo.manifest import Manifest
 from ortzo.mezo import lr_at, mezo_step, replay
 from ortzo.objective import loss
-from ortzo.session import ScoringSession
-from ortzo.targets import load_target
-from ortzo.weights import WeightStore
+
+from conftest import open_folder
 
 ENCODED = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [5, 5, 6]]
 LABELS = np.array([0, 1, 1, 0])
 CANDIDATES = np.array([30, 31])
 
 
-def _ort(folder):
-    m = Manifest.load(folder)
-    store = WeightStore.load(folder, m)
-    return store, ScoringSession(folder, store, load_target("cpu"))
-
-
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_spsa_estimate_matches_autograd_directional_derivative(tiny_hf, tiny_model, kind):
     """g from two ORT forwards equals grad(L) . z computed by PyTorch autograd."""
-    store, session = _ort(tiny_model)
+    store, session = open_folder(tiny_model)
     feeds = collate(ENCODED, 1, CANDIDATES)
     names = list(store.arrays)
     buffers = [store.arrays[n] for n in names]
@@ -54,7 +47,7 @@ def test_spsa_estimate_matches_autograd_directional_derivative(tiny_hf, tiny_mod
 
 
 def test_step_with_zero_lr_restores_weights(tiny_model):
-    store, session = _ort(tiny_model)
+    store, session = open_folder(tiny_model)
     feeds = collate(ENCODED, 1, CANDIDATES)
     before = {n: a.copy() for n, a in store.arrays.items()}
     mezo_step(list(store.arrays.values()), lambda: loss(session(feeds), LABELS), step=0, seed=5, eps=1e-3,
@@ -124,7 +117,7 @@ def test_drives_pytorch_parameters_through_numpy_views(tiny_hf):
 
 def test_loss_falls_through_the_ort_session(tiny_model):
     """Two forwards of the inference session per step are enough to fit a small batch."""
-    store, session = _ort(tiny_model)
+    store, session = open_folder(tiny_model)
     feeds = collate(ENCODED, 1, CANDIDATES)
     buffers = list(store.arrays.values())
     loss_fn = lambda: loss(session(feeds), LABELS)  # noqa: E731

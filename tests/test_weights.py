@@ -9,28 +9,20 @@ import pytest
 
 from ortzo.batches import collate
 from ortzo.errors import OrtzoError
-from ortzo.manifest import Manifest
-from ortzo.session import ScoringSession
-from ortzo.targets import load_target
-from ortzo.weights import WeightStore
+
+from conftest import open_folder
 
 FEEDS = collate([[3, 4, 5, 6, 7], [8, 9]], 1, np.array([1, 2, 3]))
 
 
-def _open(folder, weights=None, sha=None):
-    m = Manifest.load(folder)
-    store = WeightStore.load(folder, m, weights, sha)
-    return store, ScoringSession(folder, store, load_target("cpu"))
-
-
 def test_weights_are_bound_zero_copy(tiny_model):
-    store, session = _open(tiny_model)
+    store, session = open_folder(tiny_model)
     for name, arr in store.arrays.items():
         assert session.weight_ptr(name) == arr.ctypes.data
 
 
 def test_in_place_change_is_seen_and_equals_a_fresh_session(tiny_model, tmp_path):
-    store, session = _open(tiny_model)
+    store, session = open_folder(tiny_model)
     before = session(FEEDS)
     rng = np.random.default_rng(1)
     for arr in store.arrays.values():  # every weight, the tied embedding included
@@ -38,7 +30,7 @@ def test_in_place_change_is_seen_and_equals_a_fresh_session(tiny_model, tmp_path
     after = session(FEEDS)
     assert np.abs(after - before).max() > 1e-3
     sha = store.save(tmp_path / "changed.bin")
-    _, fresh = _open(tiny_model, tmp_path / "changed.bin", sha)
+    _, fresh = open_folder(tiny_model, tmp_path / "changed.bin", sha)
     np.testing.assert_array_equal(after, fresh(FEEDS))
 
 
@@ -49,7 +41,7 @@ def test_checksum_mismatch_is_refused(tiny_model, tmp_path):
     data[100] ^= 1
     (folder / "weights.bin").write_bytes(data)
     with pytest.raises(OrtzoError, match="checksum mismatch"):
-        _open(folder)
+        open_folder(folder)
 
 
 @pytest.mark.parametrize("damage", ["not json", "offset", "missing key", "truncated file"])
@@ -69,11 +61,11 @@ def test_corrupt_folder_gets_a_clear_error(tiny_model, tmp_path, damage):
     else:
         (folder / "weights.bin").write_bytes((folder / "weights.bin").read_bytes()[:1000])
     with pytest.raises(OrtzoError):
-        _open(folder)
+        open_folder(folder)
 
 
 def test_select_by_patterns(tiny_model):
-    store, _ = _open(tiny_model)
+    store, _ = open_folder(tiny_model)
     names = store.select(["*layers.1*"], ["*norm*"])
     assert names and all("layers.1" in n and "norm" not in n for n in names)
     with pytest.raises(OrtzoError, match="no parameter"):
@@ -84,7 +76,7 @@ def test_fp16_weights_train_through_fp32_masters(tiny_model_fp16):
     """Updates far below fp16 resolution accumulate in the masters; the session reads their rounding."""
     from ortzo.directions import Directions
 
-    store, session = _open(tiny_model_fp16)
+    store, session = open_folder(tiny_model_fp16)
     names = store.select(["*mlp*"])
     before = {n: store.arrays[n].astype(np.float32) for n in names}
     masters = store.trainable(names)
