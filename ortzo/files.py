@@ -1,21 +1,30 @@
-"""Atomic writes and checksums: a crash or a bad input never leaves half a file behind."""
+"""Atomic writes and checksums: a crash or a bad input never leaves half a file behind.
+
+A write goes to a temporary file beside its target (named `.NAME.*.tmp`, so a folder's owner
+can recognise and remove what a killed writer left), is fsynced, renamed over the target,
+and the folder is fsynced so the rename itself survives a power cut.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
-from collections.abc import Iterator
+
+TMP_SUFFIX = ".tmp"
+READ_BLOCK = 1 << 24
 
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode) as f:
@@ -26,6 +35,16 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make renames and new entries in folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -39,3 +58,10 @@ def write_json(path: str | Path, obj: Any) -> None:
         json.dump(obj, f, indent=1)
         f.write("\n")
 
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()

@@ -10,10 +10,10 @@ from tiny import make_tiny_llama
 
 def open_folder(folder: Path, weights: Path | None = None, sha: str | None = None):
     """(store, session) over a trainable folder, on the CPU target."""
-    from ortzo.manifest import Manifest
-    from ortzo.session import ScoringSession
-    from ortzo.targets import load_target
-    from ortzo.weights import WeightStore
+    from ortzo.model.manifest import Manifest
+    from ortzo.model.session import ScoringSession
+    from ortzo.model.targets import load_target
+    from ortzo.model.weights import WeightStore
 
     store = WeightStore.load(folder, Manifest.load(folder), weights, sha)
     return store, ScoringSession(folder, store, load_target("cpu"))
@@ -31,7 +31,7 @@ def tiny_hf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf, tmp_path_factory) -> Path:
     """The tiny Llama as a trainable folder (tied embeddings). Tests must not modify it."""
-    from ortzo.export import export_model
+    from ortzo.model.export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "tiny"
     export_model(str(tiny_hf), out)
@@ -40,7 +40,7 @@ def tiny_model(tiny_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_fp16(tiny_hf, tmp_path_factory) -> Path:
-    from ortzo.export import export_model
+    from ortzo.model.export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "tiny16"
     export_model(str(tiny_hf), out, dtype="float16")

@@ -1,4 +1,5 @@
-"""The CLI end to end on the tiny model, resume, and the errors a user can make."""
+"""The CLI end to end on the tiny model: runs, resumes, evaluations, and every error a user
+can make (one line on stderr, exit 2, nothing of theirs touched)."""
 from __future__ import annotations
 
 import json
@@ -6,85 +7,304 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from filelock import FileLock
 
+from ortzo import jsonl
 from ortzo.cli import main
+from ortzo.model.manifest import Manifest
 
 TRAIN = ["--task", "sst2", "--steps", "12", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6",
          "--checkpoint-every", "4", "--train-examples", "48"]
+TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds")
 
 
 def _finetune(model, data, out, *extra):
     return main(["finetune", str(model), "--data", str(data), "--out", str(out), *TRAIN, *extra])
 
 
-def test_finetune_then_eval(tiny_model, tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert _finetune(tiny_model, tiny_data, run, "--dev-examples", "8") == 0
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 6, 12]
-    assert all(0 <= m["dev_accuracy"] <= 1 for m in metrics)
-    assert metrics[0]["train_loss"] is None and metrics[-1]["train_seconds"] > 0
-    assert len((run / "steps.jsonl").read_text().splitlines()) == 12
-    assert (run / "curve.png").stat().st_size > 1000
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]
-    capsys.readouterr()
-    assert main(["eval", str(run)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["steps"] == 12
-    assert result["accuracy"] == pytest.approx(metrics[-1]["eval_accuracy"])
-    assert result["loss"] == pytest.approx(metrics[-1]["eval_loss"], rel=1e-6)
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_resume_equals_an_uninterrupted_run(tiny_model, tiny_model_fp16, tiny_data, tmp_path, dtype):
-    """float16: the checkpoint must carry the fp32 masters, not only their fp16 rounding."""
-    if dtype == "float16":
-        tiny_model = tiny_model_fp16
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _finetune(tiny_model, tiny_data, whole) == 0
-    assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(parts),
-                 *TRAIN[:2], "--steps", "10", *TRAIN[4:]]) == 0
-    shutil.rmtree(parts / "checkpoints" / "step-0000010")  # as if it crashed after logging step 10
-    assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(parts),
-                 *TRAIN, "--resume"]) == 0
-    final = "checkpoints/step-0000012"
-    for name in ("weights.bin", "masters.bin") if dtype == "float16" else ("weights.bin",):
-        assert (whole / final / name).read_bytes() == (parts / final / name).read_bytes()
-    assert (whole / "steps.jsonl").read_text().splitlines()[5] == (parts / "steps.jsonl").read_text().splitlines()[5]
-
-
-def test_resume_refuses_changed_settings(tiny_model, tiny_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert _finetune(tiny_model, tiny_data, run) == 0
-    capsys.readouterr()
-    assert _finetune(tiny_model, tiny_data, run, "--resume", "--eps", "1e-2") == 2
-    assert "settings differ" in capsys.readouterr().err
+def _untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
 
 
 def _expect_error(capsys, argv, message):
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err, err
+    err = capsys.readouterr().err  # progress bars may come first; the error is one line, the last
+    last = err.strip().split("\n")[-1].split("\r")[-1]
+    assert last.startswith("ortzo: error: ") and message in last and "Traceback" not in err, err
+    return last
 
 
-def test_bad_inputs_get_one_line_and_exit_2(tiny_model, tiny_data, tmp_path, capsys):
+def test_finetune_writes_a_run_that_accounts_for_itself(tiny_model, tiny_data, tmp_path):
     run = tmp_path / "run"
-    base = ["finetune", str(tiny_model), "--data", str(tiny_data), "--steps", "1"]
+    assert _finetune(tiny_model, tiny_data, run, "--dev-examples", "8") == 0
+    steps, metrics = _lines(run / "steps.jsonl"), _lines(run / "metrics.jsonl")
+    assert [s["step"] for s in steps] == list(range(12))
+    assert [m["step"] for m in metrics] == [0, 6, 12]
+    assert all(0 <= m["dev_accuracy"] <= 1 and 0 <= m["eval_accuracy"] <= 1 for m in metrics)
+    assert metrics[0]["train_loss"] is None and metrics[0]["train_seconds"] == 0
+    for m, since in zip(metrics[1:], (0, 6)):  # each row's numbers, from the step log
+        window = steps[since:m["step"]]
+        assert m["train_loss"] == pytest.approx(np.mean([(s["loss_plus"][0] + s["loss_minus"][0]) / 2 for s in window]))
+        assert m["train_seconds"] == pytest.approx(sum(s["seconds"] for s in steps[:m["step"]]), abs=2e-3)
+    for i, m in enumerate(metrics):
+        evals = sum(r["eval_seconds"] for r in metrics[:i + 1])
+        assert m["wall_seconds"] == pytest.approx(m["train_seconds"] + evals, abs=3e-3)
+    assert (run / "curve.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]
+    cfg = json.loads((run / "config.json").read_text())
+    manifest = Manifest.load(tiny_model)
+    assert cfg["model"] == str(tiny_model.resolve()) and cfg["data"] == str(tiny_data.resolve())
+    assert cfg["recorded"]["model_weights_sha256"] == manifest.weights_sha256
+    assert cfg["recorded"]["versions"]["numpy"] == np.__version__ and "ortzo" in cfg["recorded"]["versions"]
+    assert cfg["schedule_steps"] == 12 and cfg["recorded"]["task"]["template"] == "{sentence} It was"
+
+
+def test_eval_of_a_run_measures_the_runs_own_evaluation_set(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--eval-examples", "20", "--dev-examples", "8",
+                     "--max-length", "12") == 0
+    metrics = _lines(run / "metrics.jsonl")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for step, row in ((None, metrics[-1]), (6, metrics[1]), (0, metrics[0])):
+        capsys.readouterr()
+        assert main(["eval", str(run), *(["--step", str(step)] if step is not None else [])]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["examples"] == 20 and result["steps"] == row["step"]
+        assert result["accuracy"] == row["eval_accuracy"]
+        assert result["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # eval wrote nothing
+
+
+def test_eval_of_a_live_run_leaves_its_torn_tail_alone(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run) == 0
+    with open(run / "steps.jsonl", "ab") as f:
+        f.write(b'{"step": 12, "seed": 1')  # a live run, mid-append
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 12
+    assert (run / "steps.jsonl").read_bytes().endswith(b'{"step": 12, "seed": 1')
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model, tiny_data, tmp_path, capsys):
+    """Killed during the evaluation at step 10 with a half-written step 10 record: the
+    checkpoint at 10 never made it, the metrics row at 10 is lost, the log has a torn tail."""
+    linear = ["--schedule", "linear", "--schedule-steps", "12"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _finetune(tiny_model, tiny_data, whole, *linear, "--eval-every", "5") == 0
+    assert _finetune(tiny_model, tiny_data, parts, *linear, "--eval-every", "5", "--steps", "10") == 0
+    shutil.rmtree(parts / "checkpoints" / "step-0000010")
+    metrics = (parts / "metrics.jsonl").read_text().splitlines()
+    (parts / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n" + metrics[-1][:20])
+    with open(parts / "steps.jsonl", "a") as f:
+        f.write('{"step": 10, "seed"')
+    capsys.readouterr()
+    assert main(["finetune", "--resume", "--out", str(parts), "--steps", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped an incomplete last line" in out
+    final = "checkpoints/step-0000012/weights.bin"
+    assert (whole / final).read_bytes() == (parts / final).read_bytes()
+    assert _untimed(_lines(whole / "steps.jsonl")) == _untimed(_lines(parts / "steps.jsonl"))
+    assert _untimed(_lines(whole / "metrics.jsonl")) == _untimed(_lines(parts / "metrics.jsonl"))
+    assert [m["step"] for m in _lines(parts / "metrics.jsonl")] == [0, 5, 10, 12]
+
+
+def test_resume_continues_an_fp16_run_through_its_masters(tiny_model_fp16, tiny_data, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _finetune(tiny_model_fp16, tiny_data, whole) == 0
+    assert _finetune(tiny_model_fp16, tiny_data, parts, "--steps", "10") == 0
+    shutil.rmtree(parts / "checkpoints" / "step-0000010")
+    assert main(["finetune", "--resume", "--out", str(parts), "--steps", "12"]) == 0
+    for name in ("weights.bin", "masters.bin"):
+        assert (whole / "checkpoints/step-0000012" / name).read_bytes() == \
+            (parts / "checkpoints/step-0000012" / name).read_bytes()
+
+
+def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "6", "--schedule", "linear") == 0
+    _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--seed", "3"], "--seed")
+    _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--batch-size", "4", "--task", "rte"],
+                  "fixed at the run's start")
+    _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--steps", "5"], "already logged 6 steps")
+    assert main(["finetune", "--resume", "--out", str(run), "--steps", "10", "--lr", "1e-3", "--clip", "2"]) == 0
+    steps = _lines(run / "steps.jsonl")
+    # the schedule spans the 6 steps the run started with: lr 5e-3 (1 - t/6), then 0; never back up
+    assert [s["lr"] for s in steps[:6]] == pytest.approx([5e-3 * (1 - t / 6) for t in range(6)])
+    assert [s["lr"] for s in steps[6:]] == [0.0] * 4
+    assert all(abs(s["grads"][0]) <= 2 for s in steps[6:])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr"] == 1e-3 and cfg["clip"] == 2 and cfg["steps"] == 10 and cfg["seed"] == 0
+    assert cfg["recorded"]["resumes"] == [{"at_step": 6, "changed": {"steps": [6, 10], "lr": [5e-3, 1e-3],
+                                                                     "clip": [None, 2.0]}}]
+
+
+def test_a_non_finite_loss_stops_the_run_and_a_smaller_lr_continues_it(tiny_model, tiny_data, tmp_path, capsys,
+                                                                     monkeypatch):
+    from ortzo.recipes import finetune
+
+    run = tmp_path / "run"
+    real = finetune.loss
+    calls = []
+
+    def loss_blowing_up_at_step_5(scores, labels):
+        calls.append(1)
+        return float("nan") if len(calls) == 11 else real(scores, labels)
+    monkeypatch.setattr(finetune, "loss", loss_blowing_up_at_step_5)
+    err = _expect_error(capsys, ["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(run), *TRAIN],
+                        "non-finite loss at step 5")
+    assert "--resume" in err and "--lr" in err
+    assert len(_lines(run / "steps.jsonl")) == 5
+    monkeypatch.setattr(finetune, "loss", real)
+    assert main(["finetune", "--resume", "--out", str(run), "--lr", "1e-3"]) == 0
+    assert [s["lr"] for s in _lines(run / "steps.jsonl")] == [5e-3] * 5 + [1e-3] * 7
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real, appended = jsonl._write, []
+
+    def full_after_8(fd, data):
+        appended.append(1)
+        if len(appended) > 8:
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+    monkeypatch.setattr(jsonl, "_write", full_after_8)
+    _expect_error(capsys, ["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(run), *TRAIN],
+                  "No space left on device")
+    monkeypatch.setattr(jsonl, "_write", real)
+    assert main(["finetune", "--resume", "--out", str(run)]) == 0
+    assert len(_lines(run / "steps.jsonl")) == 12
+
+
+def test_inputs_are_checked_before_anything_is_written(tiny_model, tiny_data, tmp_path, capsys):
+    """A wrong checksum or pattern leaves no run folder behind: the corrected command just works."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    good = (model / "weights.bin").read_bytes()
+    (model / "weights.bin").write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    run = tmp_path / "run"
+    argv = ["finetune", str(model), "--data", str(tiny_data), "--out", str(run), *TRAIN]
+    _expect_error(capsys, argv, "checksum mismatch")
+    assert not run.exists()
+    (model / "weights.bin").write_bytes(good)
+    _expect_error(capsys, [*argv, "--include", "model.layers.9.*"], "no parameter matches")
+    assert not run.exists()
+    run.mkdir()  # an empty folder of the user's stays theirs, and stays empty
+    _expect_error(capsys, [*argv, "--data", str(tmp_path / "missing")], "data folder not found")
+    assert run.is_dir() and not any(run.iterdir())
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--eval-every", "0"], "--eval-every: Input should be greater than or equal to 1 (got '0')"),
+    (["--steps", "-5"], "--steps"),
+    (["--clip", "-1"], "--clip: Input should be greater than 0"),
+    (["--lr", "fast"], "--lr: Input should be a valid number"),
+    (["--directions", "uniform"], "invalid choice: 'uniform'"),
+    (["--lr", "1", "--weight-decay", "2"], "must stay below 1"),
+    (["--batch-size", "100"], "more than the 48 training examples"),
+    (["--provider", "tpu"], "unknown target/provider 'tpu'"),
+    (["--task", "nosuch"], "unknown task"),
+    (["--nonsense"], "unrecognized arguments: --nonsense"),
+])
+def test_bad_option_values_are_one_line(tiny_model, tiny_data, tmp_path, capsys, option, message):
+    run = tmp_path / "run"
+    _expect_error(capsys, ["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(run), *TRAIN, *option],
+                  message)
+    assert not run.exists()
+
+
+def test_bad_files_are_one_line(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["finetune", str(tiny_model), "--task", "sst2", "--steps", "1", "--out", str(run)]
     _expect_error(capsys, ["finetune", str(tmp_path / "nope"), "--task", "sst2", "--out", str(run)], "not found")
-    _expect_error(capsys, [*base, "--task", "nosuch", "--out", str(run)], "unknown task")
-    _expect_error(capsys, [*base, "--task", "sst2", "--provider", "tpu", "--out", str(run)], "unknown target/provider")
-    _expect_error(capsys, [*base[:3], str(tmp_path / "missing"), "--steps", "1", "--task", "sst2", "--out", str(run)],
-                  "data folder not found")
+    _expect_error(capsys, [*base, "--data", str(tiny_data / "train.jsonl")], "is a file")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.jsonl").write_text('{"text": "x", "label": 1}\n')
     (bad / "validation.jsonl").write_text('{"text": "x", "label": 1}\n')
-    _expect_error(capsys, [*base[:3], str(bad), "--steps", "1", "--task", "sst2", "--out", str(run)], "missing field")
+    _expect_error(capsys, [*base, "--data", str(bad)], "missing field 'sentence'")
     _expect_error(capsys, ["export", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x")], "unknown model")
     _expect_error(capsys, ["export", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")], "GGUF file not found")
     _expect_error(capsys, ["eval", str(tmp_path)], "neither")
+    _expect_error(capsys, ["eval", str(tiny_model)], "--task is required")
+    _expect_error(capsys, ["finetune", "--resume", "--out", str(tmp_path / "none")], "run folder not found")
+    _expect_error(capsys, [*base, "--data", str(tiny_data), "--config", str(tmp_path / "c.toml")], "config file not found")
+    assert not run.exists()
+
+
+def test_an_unwritable_out_is_one_line(tiny_model, tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out, message in ((blocker / "run", "Not a directory"), ("/proc/ortzo-run", "No such file or directory")):
+        _expect_error(capsys, ["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(out), *TRAIN],
+                      message)
+
+
+def test_a_run_folder_in_use_is_refused(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "4") == 0
+    log = (run / "steps.jsonl").read_bytes()
+    with FileLock(run / ".lock", timeout=0):  # another ortzo process holds it
+        _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--steps", "8"], "in use by another")
+    assert (run / "steps.jsonl").read_bytes() == log
+
+
+def test_a_reexported_model_cannot_resume_the_run(tiny_model, tiny_data, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    run = tmp_path / "run"
+    assert _finetune(model, tiny_data, run, "--steps", "4", "--checkpoint-every", "100") == 0
+    manifest = json.loads((model / "manifest.json").read_text())
+    data = bytearray((model / "weights.bin").read_bytes())
+    data[200] ^= 1
+    (model / "weights.bin").write_bytes(data)
+    import hashlib
+    manifest["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--steps", "8"], "re-exported")
+    _expect_error(capsys, ["eval", str(run)], "re-exported")
+
+
+def test_a_config_file_with_overrides(tiny_model, tiny_data, tmp_path, capsys):
+    spec = tmp_path / "run.toml"
+    spec.write_text(f'model = "{tiny_model}"\ntask = "sst2"\ndata = "{tiny_data}"\nsteps = 4\nbatch_size = 8\n'
+                    'lr = 1e-3\neval_every = 2\ntrain_examples = 48\n')
+    assert main(["finetune", "--config", str(spec), "--out", str(tmp_path / "a"), "--lr", "2e-3"]) == 0
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["lr"] == 2e-3 and cfg["steps"] == 4 and cfg["eval_every"] == 2
+    # a run's own config.json starts another run like it
+    assert main(["finetune", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b"),
+                 "--seed", "1"]) == 0
+    again = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("seed", "recorded")} == \
+        {k: v for k, v in cfg.items() if k not in ("seed", "recorded")}
+    spec.write_text(spec.read_text() + 'lable_field = "y"\n')
+    _expect_error(capsys, ["finetune", "--config", str(spec), "--out", str(tmp_path / "c")],
+                  "unknown setting 'lable_field'")
+    _expect_error(capsys, ["finetune", "--resume", "--config", str(spec), "--out", str(tmp_path / "a")],
+                  "--config starts a new run")
+
+
+def test_help_shows_every_setting_with_its_default(capsys):
+    from ortzo.config import RunConfig, flag
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside words
+    for name, field in RunConfig.model_fields.items():
+        if name != "model":
+            assert flag(name) in text
+        assert "".join(field.description.split()) in text
+    assert "(default:1000)" in text and "[maychangeon--resume]" in text
 
 
 def test_existing_run_folder_is_not_overwritten(tiny_model, tiny_data, tmp_path, capsys):
@@ -98,7 +318,7 @@ def test_existing_run_folder_is_not_overwritten(tiny_model, tiny_data, tmp_path,
 
 def test_cli_exit_code_from_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ortzo.cli", "eval", str(tmp_path / "none")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("ortzo: error:")
+    assert r.returncode == 2 and r.stderr.startswith("ortzo: error:") and r.stderr.count("\n") == 1
 
 
 def test_training_and_evaluation_import_no_torch(tiny_model, tiny_data, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ortzo.directions import CHUNK, KINDS, Directions
+from ortzo.optim import directions as directions_module
+from ortzo.optim.directions import CHUNK, KINDS, Directions
 
 SIZES = [(3, 5), (CHUNK + 17,), (2 * CHUNK - 1,), (1,)]
 
@@ -64,3 +65,34 @@ def test_unknown_kind_and_bad_buffers():
         Directions("uniform")
     with pytest.raises(ValueError, match="float32"):
         Directions().add([np.zeros(4)], 0, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_directions_are_isotropic(kind, monkeypatch):
+    """E[z z^T] = I over seeds. With a small table the table windows' own autocovariance is
+    large (~1/sqrt(64) off the diagonal): only independent per-element signs remove it."""
+    monkeypatch.setattr(directions_module, "TABLE_SIZE", 64)
+    monkeypatch.setattr(directions_module, "SUB", 16)
+    d = Directions(kind, threads=1)
+    n, seeds = 16, 20000
+    z = np.stack([d.sample([(n,)], seed=s)[0] for s in range(seeds)]).astype(np.float64)
+    cov = z.T @ z / seeds
+    off = cov[~np.eye(n, dtype=bool)]
+    assert np.abs(off).max() < 0.05, np.abs(off).max()
+    if kind == "gaussian-table":  # the diagonal is the table's mean square over the window positions
+        table = d._table.astype(np.float64)
+        want = [np.mean(table[i:i + 64 - 16] ** 2) for i in range(n)]
+        np.testing.assert_allclose(np.diag(cov), want, atol=0.06)
+    else:
+        np.testing.assert_allclose(np.diag(cov), 1.0, atol=0.05)
+
+
+def test_per_buffer_scales():
+    d = Directions("rademacher", threads=1)
+    w = [np.zeros(5, np.float32), np.zeros(7, np.float32)]
+    d.add(w, seed=3, scale=[2.0, -0.5])
+    z = d.sample([(5,), (7,)], seed=3)
+    np.testing.assert_array_equal(w[0], 2 * z[0])
+    np.testing.assert_array_equal(w[1], -0.5 * z[1])
+    with pytest.raises(ValueError, match="scales"):
+        d.add(w, seed=3, scale=[1.0])

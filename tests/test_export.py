@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ortzo.batches import collate
-from ortzo.manifest import Manifest
+from ortzo.tasks.batches import collate
+from ortzo.model.manifest import Manifest
 
 from conftest import open_folder
 
@@ -61,12 +61,19 @@ def test_parameters_carry_pytorch_names_and_values(tiny_hf, tiny_model):
     assert all(p.offset % 64 == 0 for p in m.parameters)
 
 
-def test_untied_model_keeps_its_own_lm_head(tmp_path):
-    from ortzo.export import export_model
+def test_untied_model_keeps_its_own_lm_head_and_export_shows_only_its_stages(tmp_path, capfd):
+    from ortzo.cli import main
+    from ortzo.model.manifest import Manifest
     from tiny import make_tiny_llama
 
     hf = make_tiny_llama(tmp_path / "hf", seed=1, tie=False)
-    m = export_model(str(hf), tmp_path / "out")
+    capfd.readouterr()
+    assert main(["export", str(hf), "--out", str(tmp_path / "out")]) == 0
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert [line[:5] for line in lines] == ["[1/4]"] * 2 + ["[2/4]"] * 2 + ["[3/4]"] * 2 + ["[4/4]"] * 2 + ["wrote"]
+    assert err == ""  # Optimum's, torch's and transformers' warnings and progress bars stay hidden
+    m = Manifest.load(tmp_path / "out")
     assert m.tied == {}
     assert m.param("lm_head.weight").transposed
     _, session = open_folder(tmp_path / "out")
@@ -76,7 +83,7 @@ def test_untied_model_keeps_its_own_lm_head(tmp_path):
 
 def test_export_refuses_to_overwrite(tiny_hf, tmp_path):
     from ortzo.errors import OrtzoError
-    from ortzo.export import export_model
+    from ortzo.model.export import export_model
 
     out = tmp_path / "out"
     out.mkdir()
@@ -88,7 +95,7 @@ def test_export_refuses_to_overwrite(tiny_hf, tmp_path):
 
 def test_gemma3_gets_position_ids_and_one_embedding_buffer(tmp_path):
     """Optimum's Gemma 3 export has no position_ids and stores the tied embedding twice."""
-    from ortzo.export import export_model
+    from ortzo.model.export import export_model
     from tiny import make_tiny_gemma3
 
     hf = make_tiny_gemma3(tmp_path / "hf")

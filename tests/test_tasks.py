@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from ortzo.batches import Encoder
-from ortzo.data import load_split, make_splits
+from ortzo.tasks.batches import Encoder
+from ortzo.tasks.data import batch_indices, data_source, load_split, make_splits
 from ortzo.errors import OrtzoError
-from ortzo.manifest import Manifest
-from ortzo.tasks import BUILTIN, load_task
-from ortzo.tokenizer import Tokenizer
+from ortzo.model.manifest import Manifest
+from ortzo.tasks.task import BUILTIN, load_task
+from ortzo.model.tokenizer import Tokenizer
 
 from conftest import SHARED_DATA
 
@@ -56,19 +57,24 @@ def test_custom_task_spec(tmp_path, tiny_data):
                     f'label_words = [" bad", " good"]\ndata = "{tiny_data}"\n')
     task = load_task(str(spec))
     assert task.fields == ("sentence",) and task.data == str(tiny_data)
-    assert len(load_split(task, None, "train")) == 64
+    assert len(load_split(task, data_source(task, None), "train")) == 64
 
 
 @pytest.mark.parametrize("text,error", [
     ('template = "{x}"\nlabel_words = [" a"]', "two label_words"),
-    ('label_words = [" a", " b"]', "template"),
+    ('label_words = [" a", " b"]', "missing key 'template'"),
+    ('template = "{x}"\nlabel_words = [" a", " b"]\nlable_field = "y"',
+     "unknown key 'lable_field' (valid keys: name, template, label_words, label_field, truncate_field, data, "
+     "train_split, eval_split)"),
+    ('template = "{x}"\nlabel_words = " a"', "label_words must be a list of strings"),
+    ('template = "{x}"\nlabel_words = [" a", " b"]\neval_split = 3', "eval_split must be a string"),
     ('template = "{x}"\nlabel_words = [" a", " b"]\ntruncate_field = "y"', "truncate_field"),
     ('template = "{x"\nlabel_words = [" a", " b"]', "bad task spec"),
 ])
 def test_bad_task_spec(tmp_path, text, error):
     spec = tmp_path / "bad.toml"
     spec.write_text(text)
-    with pytest.raises(OrtzoError, match=error):
+    with pytest.raises(OrtzoError, match=re.escape(error)):
         load_task(str(spec))
 
 
@@ -77,10 +83,10 @@ def test_wrong_data_schema_names_file_line_and_field(tmp_path):
     folder.mkdir()
     (folder / "validation.jsonl").write_text(json.dumps({"text": "x", "label": 0}) + "\n")
     with pytest.raises(OrtzoError, match=r"validation.jsonl:1: missing field 'sentence'"):
-        load_split(BUILTIN["sst2"], str(folder), "validation")
+        load_split(BUILTIN["sst2"], data_source(BUILTIN["sst2"], str(folder)), "validation")
     (folder / "validation.jsonl").write_text(json.dumps({"sentence": "x", "label": 7}) + "\n")
     with pytest.raises(OrtzoError, match="label 7"):
-        load_split(BUILTIN["sst2"], str(folder), "validation")
+        load_split(BUILTIN["sst2"], data_source(BUILTIN["sst2"], str(folder)), "validation")
 
 
 def test_splits_are_reproducible_and_k_shot_is_per_class(tiny_data):
@@ -99,17 +105,106 @@ def test_splits_are_reproducible_and_k_shot_is_per_class(tiny_data):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "boolq").is_dir(), reason="needs ../shared/data")
-def test_boolq_validation_only_is_split_deterministically():
-    s = make_splits(BUILTIN["boolq"], str(SHARED_DATA / "boolq"), train_examples=None, eval_examples=500)
-    assert s.note and "no train split" in s.note
-    assert len(s.train) + len(s.eval) == 3270 and len(s.eval) == 500
-    assert not {r["idx"] for r in s.train} & {r["idx"] for r in s.eval}
-    again = make_splits(BUILTIN["boolq"], str(SHARED_DATA / "boolq"), train_examples=None, eval_examples=500, seed=9)
-    assert [r["idx"] for r in again.eval] == [r["idx"] for r in s.eval]
+def test_boolq_held_out_part_does_not_depend_on_evaluation_flags():
+    """BoolQ ships validation only: a fixed third is held out, whatever --eval-examples says."""
+    full = make_splits(BUILTIN["boolq"], str(SHARED_DATA / "boolq"), train_examples=None)
+    assert full.note and "no train split" in full.note
+    assert len(full.train) + len(full.eval) == 3270 and len(full.eval) == 1090
+    train_ids, eval_ids = {r["idx"] for r in full.train}, {r["idx"] for r in full.eval}
+    assert not train_ids & eval_ids
+    for n in (500, 2000):  # 2000 > the held-out part: all of it, never a training row
+        s = make_splits(BUILTIN["boolq"], str(SHARED_DATA / "boolq"), train_examples=None, eval_examples=n, seed=9)
+        assert {r["idx"] for r in s.train} == train_ids
+        assert {r["idx"] for r in s.eval} <= eval_ids and len(s.eval) == min(n, 1090)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 @pytest.mark.parametrize("task", sorted(BUILTIN))
 def test_builtin_tasks_read_the_shared_data(task):
-    rows = load_split(BUILTIN[task], str(SHARED_DATA / task), "validation")
+    rows = load_split(BUILTIN[task], data_source(BUILTIN[task], str(SHARED_DATA / task)), "validation")
     assert rows and BUILTIN[task].prompt(rows[0])
+
+
+def _folder(tmp_path, **splits):
+    folder = tmp_path / "d"
+    folder.mkdir(exist_ok=True)
+    for name, n in splits.items():
+        rows = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(n)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_splits_are_chosen_by_name_or_file(tmp_path):
+    folder = _folder(tmp_path, train=10, test=6)
+    task = BUILTIN["sst2"]
+    with pytest.raises(OrtzoError, match=r"validation.jsonl not found \(.* has test.jsonl, train.jsonl\); "
+                                          r"choose the split with --eval-split"):
+        make_splits(task, str(folder))
+    s = make_splits(task, str(folder), eval_split="test")
+    assert len(s.train) == 10 and len(s.eval) == 6
+    s = make_splits(task, str(folder), train_split="test.jsonl", eval_split=str(folder / "train.jsonl"))
+    assert len(s.train) == 6 and len(s.eval) == 10
+    with pytest.raises(OrtzoError, match="dev.jsonl not found"):
+        make_splits(task, str(folder), train_split="dev", eval_split="test")
+
+
+def test_a_spec_chooses_its_splits_and_data_relative_to_itself(tmp_path):
+    _folder(tmp_path, train=10, test=6)
+    spec = tmp_path / "t.toml"
+    spec.write_text('template = "{sentence} It was"\nlabel_words = [" bad", " good"]\ndata = "d"\n'
+                    'eval_split = "test"\n')
+    task = load_task(str(spec))
+    assert task.name == "t" and task.data == str(tmp_path / "d") and task.eval_split == "test"
+    assert len(make_splits(task, None).eval) == 6
+
+
+def test_data_paths_and_hub_names_are_told_apart(tmp_path):
+    folder = _folder(tmp_path, validation=4)
+    task = BUILTIN["sst2"]
+    with pytest.raises(OrtzoError, match="is a file"):
+        data_source(task, str(folder / "validation.jsonl"))
+    with pytest.raises(OrtzoError, match="data folder not found: shared/data/sst2"):
+        data_source(task, "shared/data/sst2")  # a mistyped relative path is no hub name
+    assert data_source(task, "hub:glue:sst2").hub == "glue:sst2"
+    assert data_source(task, str(folder)).folder == folder
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    folder = _folder(tmp_path, validation=3)
+    with open(folder / "validation.jsonl", "a") as f:
+        f.write("\n  \n")
+    assert len(load_split(BUILTIN["sst2"], data_source(BUILTIN["sst2"], str(folder)), "validation")) == 3
+
+
+def test_the_evaluation_sample_depends_only_on_seed_and_size(tiny_data):
+    task = BUILTIN["sst2"]
+    a = make_splits(task, str(tiny_data), train_examples=20, eval_examples=10, seed=3)
+    b = make_splits(task, str(tiny_data), train_examples=30, dev_examples=8, eval_examples=10, seed=3)
+    c = make_splits(task, str(tiny_data), k_shot=4, eval_examples=10, seed=3)
+    assert a.eval == b.eval == c.eval
+    assert a.eval != make_splits(task, str(tiny_data), eval_examples=10, seed=4).eval
+
+
+def test_truncation_keeps_the_start_token(tiny_model):
+    from ortzo.model.tokenizer import Tokenizer as Tok
+
+    tok = Tok(tiny_model, Manifest.load(tiny_model).tokenizer | {"add_bos": True, "bos_id": 0})
+    enc = Encoder(BUILTIN["sst2"], tok, max_length=6)  # sst2 has no truncate field
+    ids = enc.encode({"sentence": "the film was great and the acting was good and the plot"})
+    assert len(ids) == 6 and ids[0] == 0
+    assert ids[1:] == tok.encode("the film was great and the acting was good and the plot It was")[-5:]
+    boolq = Encoder(BUILTIN["boolq"], tok, max_length=20)
+    long = boolq.encode({"passage": " ".join(["plot"] * 50), "question": "is it good"})
+    assert len(long) <= 20 and long[0] == 0
+
+
+def test_batches_are_slices_of_one_permutation_per_epoch():
+    n, bs, seed = 10, 3, 7
+    per_epoch = n // bs
+    for epoch in range(3):
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        got = [batch_indices(n, bs, epoch * per_epoch + k, seed) for k in range(per_epoch)]
+        for k, b in enumerate(got):
+            np.testing.assert_array_equal(b, perm[k * bs:(k + 1) * bs])
+        assert len(set(np.concatenate(got).tolist())) == per_epoch * bs  # no repeats within an epoch
+    assert not np.array_equal(batch_indices(n, bs, 0, seed), batch_indices(n, bs, per_epoch, seed))

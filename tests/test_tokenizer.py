@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from ortzo.export import export_tokenizer, resolve
-from ortzo.tokenizer import Tokenizer
+from ortzo.model.export.sources import resolve
+from ortzo.model.export.tokenizer import export_tokenizer
+from ortzo.model.tokenizer import Tokenizer
 
 from conftest import SHARED_DATA
 

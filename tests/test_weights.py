@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ortzo.batches import collate
+from ortzo.tasks.batches import collate
 from ortzo.errors import OrtzoError
 
 from conftest import open_folder
@@ -74,7 +74,7 @@ def test_select_by_patterns(tiny_model):
 
 def test_fp16_weights_train_through_fp32_masters(tiny_model_fp16):
     """Updates far below fp16 resolution accumulate in the masters; the session reads their rounding."""
-    from ortzo.directions import Directions
+    from ortzo.optim.directions import Directions
 
     store, session = open_folder(tiny_model_fp16)
     names = store.select(["*mlp*"])

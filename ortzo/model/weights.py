@@ -12,11 +12,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import OrtzoError
-from .files import atomic_open
+from ..errors import OrtzoError
+from ..files import READ_BLOCK, atomic_open
 from .manifest import ALIGN, Manifest
-
-READ_BLOCK = 1 << 24
 
 
 class WeightStore:

@@ -5,16 +5,20 @@ same code drives a PyTorch model's parameters (through `tensor.numpy()` views) o
 
 For one direction z (regenerated from the seed, never stored):
     w += eps z; L+ = loss();  w -= 2 eps z; L- = loss();  g = (L+ - L-) / (2 eps)
-    w += (eps - lr g) z          # restore and update fused in one pass
-With q > 1 directions every direction is evaluated at the same w, each is restored, then all
-updates are applied. A `StepRecord` holds what `replay` needs to repeat the exact float
-operations, so replaying records from the initial weights rebuilds them bit for bit.
+    w <- (1 - lr wd) w - lr g z       # the restore of w - eps z fused into the update
+With q > 1 directions every direction is evaluated at the same w and restored, then
+    w <- (1 - lr wd) w - (lr / q) sum_i g_i z_i.
+Weight decay multiplies the weights before the step's update (MeZO's trainer:
+`param - lr * (g * z + wd * param)`) and applies only where `decay` says.
+
+A `StepRecord` holds what `replay` needs to repeat the exact float operations, so replaying
+records from the initial weights rebuilds them bit for bit.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -68,7 +72,10 @@ def mezo_step(
     weight_decay: float = 0.0,
     decay: Sequence[bool] | None = None,
 ) -> StepRecord:
-    """One SPSA step in place on `buffers`. `decay[i]` says whether buffer i gets weight decay."""
+    """One SPSA step in place on `buffers`. `decay[i]` says whether buffer i gets weight decay
+    (default: all). A non-finite loss restores the weights and raises FloatingPointError."""
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
     grads, lplus, lminus = [], [], []
     for i in range(n_directions):
         s = direction_seed(seed, i)
@@ -85,14 +92,10 @@ def mezo_step(
         grads.append(g)
         lplus.append(lp)
         lminus.append(lm)
-        if n_directions == 1:
-            directions.add(buffers, s, eps - lr * g)
-        else:
+        if n_directions > 1:
             directions.add(buffers, s, eps)
     record = StepRecord(step, seed, tuple(grads), lr, eps, weight_decay, tuple(lplus), tuple(lminus))
-    if n_directions > 1:
-        _apply_updates(buffers, record, directions)
-    _apply_decay(buffers, record, decay)
+    _update(buffers, record, directions, decay)
     return record
 
 
@@ -101,33 +104,41 @@ def replay(buffers: Sequence[np.ndarray], records: Sequence[StepRecord], directi
     """Repeat the steps' weight arithmetic without any loss evaluation."""
     for r in records:
         q = len(r.grads)
-        for i, g in enumerate(r.grads):
+        for i in range(q):
             s = direction_seed(r.seed, i)
             directions.add(buffers, s, r.eps)
             directions.add(buffers, s, -2 * r.eps)
-            directions.add(buffers, s, r.eps - r.lr * g if q == 1 else r.eps)
-        if q > 1:
-            _apply_updates(buffers, r, directions)
-        _apply_decay(buffers, r, decay)
+            if q > 1:
+                directions.add(buffers, s, r.eps)
+        _update(buffers, r, directions, decay)
 
 
-def _apply_updates(buffers: Sequence[np.ndarray], r: StepRecord, directions: Directions) -> None:
-    q = len(r.grads)
-    for i, g in enumerate(r.grads):
-        directions.add(buffers, direction_seed(r.seed, i), -r.lr * g / q)
-
-
-def _apply_decay(buffers: Sequence[np.ndarray], r: StepRecord, decay: Sequence[bool] | None) -> None:
-    if not r.weight_decay:
-        return
-    factor = np.float32(1.0 - r.lr * r.weight_decay)
-    for b, d in zip(buffers, decay if decay is not None else [True] * len(buffers)):
+def _update(buffers: Sequence[np.ndarray], r: StepRecord, directions: Directions,
+            decay: Sequence[bool] | None) -> None:
+    """w <- f w - (lr / q) sum_i g_i z_i with f = 1 - lr wd on decayed buffers. With q = 1 the
+    buffers still hold w - eps z: scaling them by f and adding (f eps - lr g) z gives the same."""
+    f = 1.0 - r.lr * r.weight_decay
+    decayed = [bool(r.weight_decay) and d for d in (decay if decay is not None else [True] * len(buffers))]
+    for b, d in zip(buffers, decayed, strict=True):
         if d:
-            b *= factor
+            b *= np.float32(f)
+    q = len(r.grads)
+    if q == 1:
+        g = r.grads[0]
+        directions.add(buffers, r.seed, [(f * r.eps if d else r.eps) - r.lr * g for d in decayed])
+    else:
+        for i, g in enumerate(r.grads):
+            directions.add(buffers, direction_seed(r.seed, i), -r.lr * g / q)
+
+
+def decay_mask(buffers: Sequence[np.ndarray]) -> list[bool]:
+    """Weight decay on matrices only, not on norms or biases (as MeZO does)."""
+    return [b.ndim >= 2 for b in buffers]
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str) -> float:
-    """Learning rate at 0-based `step` of `total`: "constant" or "linear" decay to zero."""
+    """Learning rate at 0-based `step` of a schedule spanning `total` steps: "constant", or
+    "linear" decay to zero at `total` (and zero after it)."""
     if schedule == "constant":
         return lr
     if schedule == "linear":

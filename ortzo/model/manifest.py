@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OrtzoError
-from .files import write_json
+from ..errors import OrtzoError
+from ..files import write_json
 
 FORMAT = "ortzo-trainable/1"
 MANIFEST = "manifest.json"

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import OrtzoError
-from .tasks import Task
-from .tokenizer import Tokenizer
+from ..errors import OrtzoError
+from ..model.tokenizer import Tokenizer
+from .task import Task
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Encoder:
 
     def encode(self, example: dict[str, Any]) -> list[int]:
         """Prompt ids, at most max_length. Too long: cut the truncate field from its left
-        (BoolQ keeps its question), else drop the prompt's first tokens."""
+        (BoolQ keeps its question), else drop the prompt's first text tokens. The start
+        token, if the model uses one, always stays first."""
         ids = self.tokenizer.encode(self.task.prompt(example))
         over = len(ids) - self.max_length
         field = self.task.truncate_field
@@ -43,7 +44,11 @@ class Encoder:
                 text_ids = text_ids[over + 1:]
                 ids = self.tokenizer.encode(self.task.prompt(example, **{field: self.tokenizer.decode(text_ids)}))
                 over = len(ids) - self.max_length
-        return ids[-self.max_length:]
+        if len(ids) <= self.max_length:
+            return ids
+        bos = self.tokenizer.bos_id
+        head = [bos] if bos is not None and ids[0] == bos else []
+        return head + ids[len(ids) - self.max_length + len(head):]
 
     def batch(self, encoded: Sequence[list[int]], labels: Sequence[int]) -> Batch:
         return Batch(collate(encoded, self.tokenizer.pad_id, self.label_ids), np.asarray(labels, np.int64))

@@ -1,5 +1,9 @@
 """`ortzo bench`: is a MeZO step close to the two forwards it cannot avoid, and does it fit
-in inference memory? Each measurement runs in a fresh process so peak RSS is its own."""
+in inference memory?
+
+Each direction kind runs in a fresh process, so its peak RSS is its own; inside it, forwards
+and steps are timed in turn (forward, step, forward, step, ...), so the step/forward ratio
+compares the two under the same conditions."""
 from __future__ import annotations
 
 import json
@@ -12,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .directions import Directions
-from .manifest import Manifest
-from .mezo import mezo_step
-from .objective import loss
-from .session import ScoringSession
-from .targets import load_target
-from .weights import WeightStore
+from ..model.manifest import Manifest
+from ..model.session import ScoringSession
+from ..model.targets import load_target
+from ..model.weights import WeightStore
+from ..optim.directions import Directions
+from ..optim.mezo import mezo_step
+from ..tasks.objective import loss
 
 
 def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target: str, kinds: list[str]) -> None:
@@ -59,7 +63,7 @@ def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab:
 
 
 def _child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ortzo.bench", *args], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ortzo.recipes.bench", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,7 +87,7 @@ def _check(folder: Path, hf: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .batches import collate
+    from ..tasks.batches import collate
 
     store = WeightStore.load(folder, Manifest.load(folder))
     session = ScoringSession(folder, store, load_target("cpu"))
@@ -100,7 +104,7 @@ def _check(folder: Path, hf: Path) -> dict:
 def _convert(onnx_path: Path, hf: Path, out: Path) -> dict:
     import shutil
 
-    from .export import convert
+    from ..model.export.convert import convert
 
     from tokenizers import Tokenizer, models
 
@@ -127,23 +131,27 @@ def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_na
              "score_ids": np.tile(np.array([11, 12]), (batch_size, 1))}
     labels = rng.integers(0, 2, size=batch_size)
     session(feeds)  # warm-up: ORT allocates its arenas on the first run
-    fwd = []
-    for _ in range(repeats):
+    directions = _TimedDirections(mode, target.direction_threads or None) if mode != "inference" else None
+    buffers = store.trainable(list(store.arrays)) if directions else []  # fp32 masters for fp16 weights
+
+    def step(k: int) -> float:
+        directions.seconds = 0.0
+        t = time.perf_counter()
+        mezo_step(buffers, lambda: loss(session(feeds), labels), step=k, seed=k, eps=1e-3, lr=1e-6,
+                  directions=directions)
+        return time.perf_counter() - t
+
+    if directions:
+        step(0)  # warm-up: builds the noise table, if any
+    fwd, steps = [], []
+    for k in range(1, repeats + 1):  # interleaved: forward, step, forward, step, ...
         t = time.perf_counter()
         session(feeds)
         fwd.append(time.perf_counter() - t)
+        if directions:
+            steps.append((step(k), directions.seconds))
     result = {"forward_s": statistics.median(fwd)}
-    if mode != "inference":
-        directions = _TimedDirections(mode, target.direction_threads or None)
-        buffers = store.trainable(list(store.arrays))  # fp32 masters for fp16 weights
-        steps = []
-        for step in range(repeats + 1):
-            directions.seconds = 0.0
-            t = time.perf_counter()
-            mezo_step(buffers, lambda: loss(session(feeds), labels), step=step, seed=step, eps=1e-3, lr=1e-6,
-                      directions=directions)
-            steps.append((time.perf_counter() - t, directions.seconds))
-        steps = steps[1:]  # the first step builds the noise table, if any
+    if steps:
         result |= {"step_s": statistics.median(s for s, _ in steps), "perturb_s": statistics.median(p for _, p in steps)}
     return result
 

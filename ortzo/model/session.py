@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import OrtzoError
+from ..errors import OrtzoError
 from .targets import Target
 from .weights import WeightStore
-
-OUTPUT = "scores"
 
 
 class ScoringSession:
@@ -28,7 +26,7 @@ class ScoringSession:
         except Exception as e:  # ORT raises its own exception types for a bad graph
             raise OrtzoError(f"onnxruntime cannot load {Path(folder) / m.graph}: {str(e).splitlines()[0]}") from None
         self.store = store
-        self.inputs = m.inputs
+        self.inputs, self.output = m.inputs, m.outputs[0]
         self.binding = self.session.io_binding()
         self._weights = {}
         for name, arr in store.arrays.items():
@@ -45,6 +43,6 @@ class ScoringSession:
         self.store.sync()
         for name in self.inputs:
             self.binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        self.binding.bind_output(OUTPUT)
+        self.binding.bind_output(self.output)
         self.session.run_with_iobinding(self.binding)
         return self.binding.copy_outputs_to_cpu()[0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import atomic_open
+
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -12,7 +14,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [h["step"] for h in history]
-    minutes = [h["train_seconds"] / 60 for h in history]
+    minutes = [h["wall_seconds"] / 60 for h in history]
     for key in ("eval", "dev"):
         if f"{key}_accuracy" in history[0]:
             acc = [h[f"{key}_accuracy"] for h in history]
@@ -20,14 +22,12 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
             b.plot(minutes, acc, marker="o", label=key)
     a.set_xlabel("MeZO steps")
     a.set_ylabel("accuracy")
-    b.set_xlabel("training time (minutes, evaluation excluded)")
+    b.set_xlabel("wall-clock minutes (training and evaluations)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)

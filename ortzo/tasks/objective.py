@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from .batches import Encoder
 
@@ -22,13 +23,16 @@ def loss(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-candidate_log_softmax(scores)[np.arange(len(labels)), labels].mean())
 
 
-def evaluate(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16) -> dict[str, float]:
-    """Accuracy and loss over `examples`, batched by length so padding stays small."""
+def evaluate(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16,
+             desc: str | None = None) -> dict[str, float]:
+    """Accuracy and loss over `examples`, batched by length so padding stays small. With
+    `desc`, a progress bar by that name shows while it runs."""
     encoded = [encoder.encode(e) for e in examples]
     labels = np.array([e[encoder.task.label_field] for e in examples], np.int64)
     order = np.argsort([len(e) for e in encoded], kind="stable")
     correct, total_loss = 0, 0.0
-    for i in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for i in tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=desc is None):
         idx = order[i:i + batch_size]
         b = encoder.batch([encoded[j] for j in idx], labels[idx])
         s = score(b.feeds)

@@ -1,0 +1,1 @@
+"""The trainable model folder: manifest, weight store, tokenizer, ORT session, targets, export."""

@@ -1,0 +1,1 @@
+"""Recipes: fine-tune, evaluate, benchmark; each reads top to bottom like a script."""

@@ -1,0 +1,47 @@
+"""`ortzo eval`: accuracy of a model folder as exported, or of a run's weights.
+
+For a run folder every unset option comes from the run, so the result is measured on
+exactly the run's evaluation set (same data, split, sample, prompt length). It reads the
+run without taking its lock and writes nothing into it: safe while the run is live.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import RECORDED, EvalOptions, RunConfig
+from ..errors import OrtzoError
+from ..model.manifest import MANIFEST
+from ..optim import steplog
+from ..run import checkpoint
+from ..run.folder import RunFolder
+from ..tasks.objective import evaluate
+from ..tasks.task import Task, load_task
+from .setup import prepare, stderr
+
+
+def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
+    path, run = Path(opts.path), RunFolder(opts.path)
+    chosen = {k: v for k, v in opts.model_dump().items() if v is not None and k in RunConfig.model_fields}
+    if (path / MANIFEST).is_file():
+        if opts.task is None:
+            raise OrtzoError("--task is required to evaluate a model folder")
+        if opts.step is not None:
+            raise OrtzoError("--step needs a run folder")
+        cfg = RunConfig.build({"model": str(path)} | chosen)
+        setup = prepare(cfg, load_task(cfg.task), say=stderr)
+        store, steps = setup.load_store(), 0
+    elif run.holds_run():
+        saved = run.read_config()
+        recorded = saved.pop(RECORDED)
+        cfg = RunConfig.build(saved | chosen)
+        task = load_task(opts.task) if opts.task else Task.from_json(recorded["task"])
+        setup = prepare(cfg, task, say=stderr)
+        setup.check_model(recorded, run.path)
+        log = steplog.read(run.steps)  # a torn tail (a live run mid-write) is left alone
+        steps = len(log) if opts.step is None else opts.step
+        store = checkpoint.restore(run.path, log.records, steps, setup.load_store, setup.buffers, setup.directions)
+    else:
+        raise OrtzoError(f"{path} is neither a trainable model folder nor a finetune run folder")
+    r = evaluate(setup.session(store), setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="eval")
+    return {"task": setup.task.name, "steps": steps, "examples": len(setup.splits.eval)} | r

@@ -1,0 +1,198 @@
+"""The fine-tuning recipe: MeZO through an ONNX Runtime inference session, start to finish.
+
+Read top to bottom. `start` checks every input (model checksum and parameter patterns
+included) before it writes anything, then takes the run folder's lock and writes the config.
+`resume` takes the lock, reads the run back (config, step log, metrics) and restores the
+weights. Both then `train`: evaluate whatever an interruption left unevaluated, loop
+`mezo_step` over batches, log every step, evaluate and checkpoint on a schedule, and finish
+with a table, the metrics and a plot.
+
+Times are accounted as an uninterrupted run would have them: each step's seconds are in the
+step log, each evaluation's in its metrics row, so `train_seconds` (steps only) and
+`wall_seconds` (steps and evaluations) never count a crash, a replay or a restart.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import jsonl
+from ..config import RECORDED, RunConfig, flag
+from ..errors import OrtzoError
+from ..model.weights import WeightStore
+from ..optim import steplog
+from ..optim.mezo import decay_mask, lr_at, mezo_step, replay, step_seed
+from ..run import checkpoint
+from ..run.folder import RunFolder
+from ..run.plots import plot_curves
+from ..tasks.data import batch_indices
+from ..tasks.objective import evaluate, loss
+from ..tasks.task import Task, load_task
+from .setup import Setup, prepare, version_notes
+
+
+def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """A new run of `cfg` in the run folder `out`."""
+    cfg = cfg.resolved()
+    setup = prepare(cfg, load_task(cfg.task))
+    store = setup.load_store()  # the checksum, before anything is written
+    setup.buffers(store)  # the include/exclude patterns, likewise
+    _check_batch(setup)
+    run = RunFolder(out)
+    with run.locked(create=True):
+        run.check_new()
+        run.clean_stale()
+        run.write_config(cfg.model_dump() | {RECORDED: setup.recorded()})
+        return train(run, setup, store, steplog.Log(), [], at=0)
+
+
+def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Continue the run in `out` from its last logged step, with `overrides` of resumable settings."""
+    run = RunFolder(out)
+    with run.locked():
+        saved = run.read_config()
+        recorded = saved.pop(RECORDED)
+        old = RunConfig.build(saved, f"{run.config}: ")
+        cfg = RunConfig.build(old.model_dump() | overrides).resolved()
+        changed = {k: (getattr(old, k), getattr(cfg, k)) for k in overrides if getattr(old, k) != getattr(cfg, k)}
+        fixed = [flag(k) for k in changed if not RunConfig.resumable(k)]
+        if fixed:
+            may = ", ".join(flag(k) for k in RunConfig.model_fields if RunConfig.resumable(k))
+            raise OrtzoError(f"cannot resume {run.path} with another {', '.join(fixed)}: fixed at the run's start "
+                             f"(a resumed run may change {may})")
+        setup = prepare(cfg, Task.from_json(recorded["task"]))
+        setup.check_model(recorded, run.path)
+        for note in version_notes(recorded):
+            print(note)
+        run.clean_stale()
+        log = steplog.read(run.steps)
+        history, torn = jsonl.read(run.metrics)
+        for path, tail in ((run.steps, log.torn), (run.metrics, torn)):
+            if tail:
+                print(f"note: {jsonl.torn_note(path, tail)}")
+        if cfg.steps < len(log):
+            raise OrtzoError(f"{run.path} has already logged {len(log)} steps; --steps must be at least that")
+        if history and history[-1]["step"] > len(log):
+            raise OrtzoError(f"{run.metrics} has a row for step {history[-1]['step']}, "
+                             f"but {run.steps} ends at step {len(log)}")
+        if changed:
+            resumes = recorded.get("resumes", []) + [{"at_step": len(log), "changed": changed}]
+            run.write_config(cfg.model_dump() | {RECORDED: recorded | {"resumes": resumes}})
+        at = min(_due(cfg, history, len(log)), default=len(log))
+        store = checkpoint.restore(run.path, log.records, at, setup.load_store, setup.buffers, setup.directions)
+        return train(run, setup, store, log, history, at)
+
+
+def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, history: list[dict],
+          at: int) -> dict[str, Any]:
+    """Run the steps after those in `log`, from weights that are at step `at` of it."""
+    cfg, splits, encoder = setup.cfg, setup.splits, setup.encoder
+    buffers = setup.buffers(store)
+    decay = decay_mask(buffers)
+    session = setup.session(store)
+    print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(b.size for b in buffers):,} of "
+          f"{sum(p.size for p in setup.manifest.parameters):,} parameters trained; "
+          f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
+    train_ids = [encoder.encode(e) for e in splits.train]
+    train_labels = np.array([e[setup.task.label_field] for e in splits.train], np.int64)
+
+    with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out:
+        def measure(step: int) -> None:
+            """Evaluate the weights after `step` steps; append its metrics row."""
+            t = time.perf_counter()
+            row: dict[str, Any] = {"step": step}
+            for name, examples in (("eval", splits.eval), ("dev", splits.dev)):
+                if examples:
+                    r = evaluate(session, encoder, examples, cfg.eval_batch_size, desc=f"{name} at step {step}")
+                    row |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
+            eval_seconds = time.perf_counter() - t
+            since = history[-1]["step"] if history else 0
+            losses = [r.loss for r in log.records[since:step]]
+            train_seconds = sum(log.seconds[:step])
+            row = {"step": step, "train_seconds": round(train_seconds, 3),
+                   "wall_seconds": round(train_seconds + sum(h["eval_seconds"] for h in history) + eval_seconds, 3),
+                   "eval_seconds": round(eval_seconds, 3),
+                   "train_loss": float(np.mean(losses)) if losses else None} | row
+            history.append(row)
+            metrics_out.append(row)
+
+        for point in _due(cfg, history, len(log)):  # rows an interruption lost, at their own weights
+            replay(buffers, log.records[at:point], setup.directions, decay)
+            at = point
+            measure(point)
+        replay(buffers, log.records[at:], setup.directions, decay)
+        if len(log) and _is_checkpoint(cfg, len(log)) and len(log) not in checkpoint.saved(run.path):
+            checkpoint.save(run.path, store, len(log), cfg.keep_checkpoints)
+
+        bar = tqdm(range(len(log), cfg.steps), initial=len(log), total=cfg.steps, desc="mezo", unit="step",
+                   dynamic_ncols=True)
+        with bar:
+            for step in bar:
+                t0 = time.perf_counter()
+                idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
+                batch = encoder.batch([train_ids[i] for i in idx], train_labels[idx])
+                try:
+                    record = mezo_step(buffers, lambda b=batch: loss(session(b.feeds), b.labels), step=step,
+                                       seed=step_seed(cfg.seed, step), eps=cfg.eps,
+                                       lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule),
+                                       directions=setup.directions, n_directions=cfg.n_directions, clip=cfg.clip,
+                                       weight_decay=cfg.weight_decay, decay=decay)
+                except FloatingPointError as e:
+                    raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
+                                     f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
+                seconds = time.perf_counter() - t0
+                steps_out.append_step(record, seconds)
+                log.records.append(record)
+                log.seconds.append(seconds)
+                done = step + 1
+                if _is_eval(cfg, done):
+                    measure(done)
+                if _is_checkpoint(cfg, done):
+                    checkpoint.save(run.path, store, done, cfg.keep_checkpoints)
+                bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{history[-1]['eval_accuracy']:.3f}",
+                                s_per_step=f"{sum(log.seconds) / done:.2f}", refresh=False)
+
+    plot_curves(history, run.curve, title=f"MeZO on {setup.task.name}: {setup.model_dir.name}")
+    _print_table(history)
+    first, last = history[0], history[-1]
+    print(f"{setup.task.name}: zero-shot accuracy {first['eval_accuracy']:.4f} -> {last['eval_accuracy']:.4f} "
+          f"after {last['step']} MeZO steps ({last['train_seconds'] / 60:.1f} min of steps, "
+          f"{last['wall_seconds'] / 60:.1f} min with evaluations); metrics {run.metrics}, plot {run.curve}")
+    return {"zero_shot_accuracy": first["eval_accuracy"], "final_accuracy": last["eval_accuracy"],
+            "steps": last["step"], "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"]}
+
+
+def _check_batch(setup: Setup) -> None:
+    if setup.cfg.batch_size > len(setup.splits.train):
+        raise OrtzoError(f"--batch-size {setup.cfg.batch_size} is more than the {len(setup.splits.train)} "
+                         "training examples")
+
+
+def _is_eval(cfg: RunConfig, step: int) -> bool:
+    return step == 0 or step % cfg.eval_every == 0 or step == cfg.steps
+
+
+def _is_checkpoint(cfg: RunConfig, step: int) -> bool:
+    return step % cfg.checkpoint_every == 0 or step == cfg.steps
+
+
+def _due(cfg: RunConfig, history: list[dict], logged: int) -> list[int]:
+    """Evaluation points up to the last logged step that have no metrics row yet."""
+    after = history[-1]["step"] if history else -1
+    first = after + 1 + (-(after + 1)) % cfg.eval_every  # the first multiple of eval_every past `after`
+    points = set(range(first, logged + 1, cfg.eval_every)) | ({cfg.steps} if after < cfg.steps <= logged else set())
+    return sorted(points)
+
+
+def _print_table(history: list[dict]) -> None:
+    dev = "dev_accuracy" in history[0]
+    print(f"{'step':>7} {'train s':>9} {'wall s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9}"
+          + (f" {'dev acc':>8}" if dev else ""))
+    for h in history:
+        tl = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
+        print(f"{h['step']:>7} {h['train_seconds']:>9.1f} {h['wall_seconds']:>9.1f} {tl:>10} "
+              f"{h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f}" + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))

@@ -1,0 +1,104 @@
+"""What a run or an evaluation needs, built from its config and checked, before anything is
+written: the model folder, the target, the examples, the encoder, the directions."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..errors import OrtzoError
+from ..files import sha256_file
+from ..model.manifest import Manifest
+from ..model.session import ScoringSession
+from ..model.targets import Target, load_target
+from ..model.tokenizer import Tokenizer
+from ..model.weights import WeightStore
+from ..optim.directions import Directions
+from ..tasks.batches import Encoder
+from ..tasks.data import Splits, make_splits
+from ..tasks.task import Task
+
+VERSIONED = ("ortzo", "numpy", "onnxruntime", "tokenizers")
+
+
+@dataclass(frozen=True)
+class Setup:
+    cfg: RunConfig
+    task: Task
+    manifest: Manifest
+    target: Target
+    splits: Splits
+    encoder: Encoder
+    directions: Directions
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.cfg.model)
+
+    def load_store(self, weights: Path | None = None, sha256: str | None = None) -> WeightStore:
+        """The model's weights (or a checkpoint's), checksum-checked."""
+        return WeightStore.load(self.model_dir, self.manifest, weights, sha256)
+
+    def buffers(self, store: WeightStore) -> list[np.ndarray]:
+        """The float32 buffers the run trains, in the run's order."""
+        return store.trainable(store.select(self.cfg.include, self.cfg.exclude))
+
+    def session(self, store: WeightStore) -> ScoringSession:
+        return ScoringSession(self.model_dir, store, self.target)
+
+    def recorded(self) -> dict[str, Any]:
+        """What the run is checked against when it resumes or is evaluated."""
+        return {"model_weights_sha256": self.manifest.weights_sha256,
+                "model_graph_sha256": sha256_file(self.model_dir / self.manifest.graph),
+                "task": self.task.to_json(), "versions": versions()}
+
+    def check_model(self, recorded: dict[str, Any], run: Path) -> None:
+        """The model folder must hold the weights and graph the run started from."""
+        for key, now in (("model_weights_sha256", self.manifest.weights_sha256),
+                         ("model_graph_sha256", sha256_file(self.model_dir / self.manifest.graph))):
+            if recorded.get(key) != now:
+                what = key.split("_")[1]
+                raise OrtzoError(f"{self.model_dir} holds another {what} than run {run} started from "
+                                 f"(sha256 {now[:12]}..., the run recorded {str(recorded.get(key))[:12]}...); "
+                                 "was it re-exported? the run needs its original model folder")
+
+
+def prepare(cfg: RunConfig, task: Task, say=print) -> Setup:
+    """Check every input of `cfg` (reading the model's manifest, target, task data, tokenizer)."""
+    model_dir = Path(cfg.model)
+    manifest = Manifest.load(model_dir)
+    target = load_target(cfg.target)
+    splits = make_splits(task, cfg.data, train_split=cfg.train_split, eval_split=cfg.eval_split,
+                         train_examples=cfg.train_examples, k_shot=cfg.k_shot, eval_examples=cfg.eval_examples,
+                         dev_examples=cfg.dev_examples, seed=cfg.seed)
+    if splits.note:
+        say(f"note: {splits.note}")
+    encoder = Encoder(task, Tokenizer(model_dir, manifest.tokenizer), cfg.max_length)
+    return Setup(cfg, task, manifest, target, splits, encoder, Directions(cfg.directions, target.direction_threads or None))
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "?"
+    return found
+
+
+def version_notes(recorded: dict[str, Any]) -> list[str]:
+    """Differences that could make a replay inexact (a changed random generator, say)."""
+    then, now = recorded.get("versions", {}), versions()
+    return [f"note: the run started with {k} {then[k]}, this is {k} {now[k]}; its replay is exact only if the "
+            "direction generator is unchanged" for k in VERSIONED if k in then and then[k] != now[k]]
+
+
+def stderr(line: str) -> None:
+    print(line, file=sys.stderr)

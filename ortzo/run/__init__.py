@@ -1,0 +1,1 @@
+"""The run folder: its lock and config, checkpoints, and plots."""

@@ -1,0 +1,95 @@
+"""Checkpoints: the weights after N steps, in `checkpoints/step-N/`, written whole or not at all.
+
+A checkpoint is built in a hidden temporary folder and renamed into place. Resuming loads
+the newest checkpoint at or before the wanted step and replays the step log's records after
+it, so the weights are those of that step, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OrtzoError
+from ..files import TMP_SUFFIX, fsync_dir, write_json
+from ..model.weights import WeightStore
+from ..optim.directions import Directions
+from ..optim.mezo import StepRecord, decay_mask, replay
+
+DIR = "checkpoints"
+META = "checkpoint.json"
+WEIGHTS = "weights.bin"
+MASTERS = "masters.bin"
+_NAME = re.compile(r"^step-(\d+)$")
+
+StoreLoader = Callable[[Path | None, str | None], WeightStore]  # (weight file, sha256) -> store; None: the model's
+
+
+def name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2) -> Path:
+    """Write checkpoint `step` (steps 0..step-1 applied); keep the newest `keep`."""
+    root = run_dir / DIR
+    root.mkdir(exist_ok=True)
+    tmp = root / f".{name(step)}{TMP_SUFFIX}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    meta = {"steps_applied": step, "sha256": store.save(tmp / WEIGHTS)}
+    if store.masters:
+        meta["masters"] = list(store.masters)
+        meta["masters_sha256"] = store.save_masters(tmp / MASTERS)
+    write_json(tmp / META, meta)
+    final = root / name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in saved(run_dir)[:-keep]:
+        shutil.rmtree(root / name(old))
+    return final
+
+
+def saved(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints, oldest first (by number, not by name)."""
+    root = run_dir / DIR
+    if not root.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / META).is_file()]
+    return sorted(steps)
+
+
+def load(run_dir: Path, step: int, load_store: StoreLoader) -> WeightStore:
+    folder = run_dir / DIR / name(step)
+    try:
+        meta = json.loads((folder / META).read_text())
+        if meta["steps_applied"] != step:
+            raise ValueError(f"it says steps_applied={meta['steps_applied']}")
+        store = load_store(folder / WEIGHTS, meta["sha256"])
+        if "masters" in meta:
+            store.load_masters(folder / MASTERS, meta["masters"], meta["masters_sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise OrtzoError(f"corrupt checkpoint {folder}: {e}") from None
+    return store
+
+
+def restore(run_dir: Path, records: Sequence[StepRecord], at: int, load_store: StoreLoader,
+            buffers_of: Callable[[WeightStore], list[np.ndarray]], directions: Directions) -> WeightStore:
+    """The weights after the first `at` logged steps: the newest checkpoint at or before `at`
+    (or the model's own weights) plus the replayed records after it.
+
+    `buffers_of(store)` lists the trained buffers in the order the run used."""
+    if at > len(records):
+        raise OrtzoError(f"{run_dir}: cannot restore step {at}: the step log has {len(records)} steps")
+    start = max((s for s in saved(run_dir) if s <= at), default=0)
+    store = load(run_dir, start, load_store) if start else load_store(None, None)
+    buffers = buffers_of(store)
+    replay(buffers, records[start:at], directions, decay_mask(buffers))
+    return store

@@ -1,0 +1,122 @@
+"""Tasks: how an example becomes a prompt, which label words score its classes, and where
+its examples come from.
+
+Built-in tasks use MeZO's prompts for causal LMs. A custom task is a TOML spec; every key:
+
+    name = "reviews"                           # default: the file's stem
+    template = "Review: {text}\\nSentiment:"    # required; {field}s come from each example
+    label_words = [" negative", " positive"]   # required; label i scores label_words[i]
+    label_field = "label"                      # the example's integer label (default "label")
+    truncate_field = "text"                    # cut from its left when a prompt is too long
+    data = "my-data"                           # folder of <split>.jsonl (relative to the
+                                               #   spec), or "hub:NAME[:CONFIG]"
+    train_split = "train"                      # a split name (<name>.jsonl) or a .jsonl file
+    eval_split = "validation"                  # likewise, e.g. "test"
+"""
+from __future__ import annotations
+
+import string
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import OrtzoError
+
+HUB = "hub:"  # prefix of a `datasets` hub name where a data folder could stand
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    template: str
+    label_words: tuple[str, ...]
+    label_field: str = "label"
+    truncate_field: str | None = None
+    data: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    hub: str | None = None  # built-ins: the `datasets` name[:config] to fall back on
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)
+
+    def prompt(self, example: dict[str, Any], **override: str) -> str:
+        """The template filled with the example's stripped fields (MeZO strips them too)."""
+        values = {f: str(example[f]).strip() for f in self.fields}
+        return self.template.format(**(values | override))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Task:
+        return cls(**(d | {"label_words": tuple(d["label_words"])}))
+
+
+BUILTIN = {
+    t.name: t
+    for t in (
+        Task("sst2", "{sentence} It was", (" terrible", " great"), hub="glue:sst2"),
+        Task("sst5", "{sentence} It was", (" terrible", " bad", " okay", " good", " great"), hub="SetFit/sst5"),
+        Task("rte", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n', ("Yes", "No"),
+             truncate_field="premise", hub="glue:rte"),
+        Task("boolq", "{passage}\nQuestion: {question}?\nAnswer:", (" No", " Yes"),
+             truncate_field="passage", hub="super_glue:boolq"),
+    )
+}
+
+SPEC_KEYS = ("name", "template", "label_words", "label_field", "truncate_field", "data", "train_split", "eval_split")
+
+
+def load_task(name_or_spec: str) -> Task:
+    """A built-in task by name, or a TOML spec file (checked key by key)."""
+    if name_or_spec in BUILTIN:
+        return BUILTIN[name_or_spec]
+    path = Path(name_or_spec)
+    if path.suffix != ".toml":
+        raise OrtzoError(f"unknown task {name_or_spec!r}; built in: {', '.join(BUILTIN)}, or a .toml spec file")
+    if not path.is_file():
+        raise OrtzoError(f"task spec not found: {path}")
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise OrtzoError(f"bad task spec {path}: {e}") from None
+    return _from_spec(d, path)
+
+
+def _from_spec(d: dict[str, Any], path: Path) -> Task:
+    def bad(why: str) -> OrtzoError:
+        return OrtzoError(f"bad task spec {path}: {why}")
+
+    unknown = sorted(set(d) - set(SPEC_KEYS))
+    if unknown:
+        raise bad(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                  f"(valid keys: {', '.join(SPEC_KEYS)})")
+    for key in ("template", "label_words"):
+        if key not in d:
+            raise bad(f"missing key {key!r}")
+    for key, value in d.items():
+        ok = (isinstance(value, list) and all(isinstance(w, str) for w in value)) if key == "label_words" \
+            else isinstance(value, str)
+        if not ok:
+            raise bad(f"{key} must be {'a list of strings' if key == 'label_words' else 'a string'}, got {value!r}")
+    data = d.get("data")
+    if data and not data.startswith(HUB):
+        data = str((path.parent / data).resolve())
+    defaults = {f.name: f.default for f in fields(Task)}
+    task = Task(name=d.get("name", path.stem), template=d["template"], label_words=tuple(d["label_words"]),
+                **{k: d.get(k, defaults[k]) for k in ("label_field", "truncate_field", "train_split", "eval_split")},
+                data=data)
+    try:
+        placeholders = task.fields  # parsing the template also rejects unbalanced braces
+    except ValueError as e:
+        raise bad(f"template: {e}") from None
+    if not placeholders:
+        raise bad("the template has no {field} placeholder")
+    if len(task.label_words) < 2:
+        raise bad("needs at least two label_words")
+    if task.truncate_field and task.truncate_field not in placeholders:
+        raise bad(f"truncate_field {task.truncate_field!r} is not in the template")
+    return task

@@ -1,0 +1,204 @@
+"""The optimizer's arithmetic against values each test computes itself (NumPy only, seconds).
+
+The directions come from a stand-in whose z the test draws and keeps, and the expected
+update is written out here from MeZO's formulas in float64:
+    g_i = (L(w + eps z_i) - L(w - eps z_i)) / (2 eps), clipped
+    w'  = (1 - lr wd) w - (lr / q) sum_i g_i z_i      (decay only where the mask says)
+so a wrong sign, factor, seed or mask in ortzo.optim changes a number these tests compare.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from ortzo.optim.directions import Directions
+from ortzo.optim.mezo import StepRecord, decay_mask, direction_seed, lr_at, mezo_step, replay, step_seed
+
+SHAPES = [(4, 5), (3,), (2, 3)]
+
+
+class KeptDirections:
+    """Directions whose z the test knows: a fresh N(0, 1) draw per seed, remembered."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], seed: int = 0) -> None:
+        self.rng, self.shapes, self.z = np.random.default_rng(seed), shapes, {}
+
+    def __call__(self, seed: int) -> list[np.ndarray]:
+        if seed not in self.z:
+            self.z[seed] = [self.rng.standard_normal(s).astype(np.float32) for s in self.shapes]
+        return self.z[seed]
+
+    def add(self, buffers, seed, scale) -> None:
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(buffers)
+        for b, z, s in zip(buffers, self(seed), scales, strict=True):
+            b += np.float32(s) * z
+
+
+def _problem(seed: int = 0):
+    """L(w) = sum_b c_b . w_b + 0.5 |w_b|^2 / b: smooth, with a known value at any w."""
+    rng = np.random.default_rng(seed)
+    w = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+    c = [rng.normal(size=s) for s in SHAPES]
+
+    def loss_at(ws) -> float:
+        return float(sum(np.sum(ci * wi) + 0.5 * np.sum(np.asarray(wi, np.float64) ** 2) / (i + 1)
+                         for i, (ci, wi) in enumerate(zip(c, ws))))
+    return w, c, loss_at
+
+
+def _expected(w0, zs, loss_at, eps, lr, wd=0.0, mask=None, clip=None):
+    """(projected gradients, updated weights) from the formulas, in float64."""
+    mask = mask if mask is not None else [True] * len(w0)
+    grads = []
+    for z in zs:
+        plus = loss_at([a + eps * zb.astype(np.float64) for a, zb in zip(w0, z)])
+        minus = loss_at([a - eps * zb.astype(np.float64) for a, zb in zip(w0, z)])
+        g = (plus - minus) / (2 * eps)
+        grads.append(g if clip is None else min(clip, max(-clip, g)))
+    new = []
+    for b, (a, m) in enumerate(zip(w0, mask)):
+        step = sum(g * z[b].astype(np.float64) for g, z in zip(grads, zs)) / len(zs)
+        new.append((1 - lr * wd if m else 1.0) * a.astype(np.float64) - lr * step)
+    return grads, new
+
+
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("wd,mask", [(0.0, None), (0.5, [True, False, True]), (0.5, [False, True, False])])
+def test_step_updates_weights_by_mezos_formula(q, wd, mask):
+    w, _, loss_at = _problem()
+    w0 = [a.copy() for a in w]
+    d = KeptDirections(SHAPES)
+    eps, lr = 1e-2, 0.05
+    rec = mezo_step(w, lambda: loss_at(w), step=7, seed=99, eps=eps, lr=lr, directions=d, n_directions=q,
+                    weight_decay=wd, decay=mask)
+    assert len(d.z) == q, "each direction of a step has its own seed"
+    zs = [d(direction_seed(99, i)) for i in range(q)]
+    grads, want = _expected(w0, zs, loss_at, eps, lr, wd, mask)
+    np.testing.assert_allclose(rec.grads, grads, rtol=1e-3)
+    for got, expect in zip(w, want):
+        np.testing.assert_allclose(got, expect, rtol=0, atol=2e-5)
+    assert rec.step == 7 and rec.seed == 99 and rec.lr == lr and rec.eps == eps and rec.weight_decay == wd
+
+
+def test_step_records_both_losses_and_their_mean():
+    w, _, loss_at = _problem(1)
+    w0 = [a.copy() for a in w]
+    d = KeptDirections(SHAPES, seed=1)
+    eps = 1e-2
+    rec = mezo_step(w, lambda: loss_at(w), step=0, seed=5, eps=eps, lr=0.0, directions=d, n_directions=2)
+    for i in range(2):
+        z = d(direction_seed(5, i))
+        assert rec.loss_plus[i] == pytest.approx(loss_at([a + eps * zb for a, zb in zip(w0, z)]), rel=1e-5)
+        assert rec.loss_minus[i] == pytest.approx(loss_at([a - eps * zb for a, zb in zip(w0, z)]), rel=1e-5)
+    assert rec.loss == pytest.approx((sum(rec.loss_plus) + sum(rec.loss_minus)) / 4)
+    for a, b in zip(w, w0):  # lr 0: the weights come back
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.5])
+def test_clip_bounds_the_projected_gradient_and_the_update_uses_it(clip):
+    w, _, loss_at = _problem(2)
+    w0 = [a.copy() for a in w]
+    d = KeptDirections(SHAPES, seed=2)
+    rec = mezo_step(w, lambda: loss_at(w), step=0, seed=3, eps=1e-2, lr=0.1, directions=d, clip=clip)
+    grads, want = _expected(w0, [d(3)], loss_at, 1e-2, 0.1, clip=clip)
+    assert abs(rec.grads[0]) == pytest.approx(clip) and rec.grads[0] == pytest.approx(grads[0])
+    for got, expect in zip(w, want):
+        np.testing.assert_allclose(got, expect, atol=2e-5)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0])
+def test_non_positive_clip_is_refused(clip):
+    w, _, loss_at = _problem()
+    with pytest.raises(ValueError, match="clip"):
+        mezo_step(w, lambda: loss_at(w), step=0, seed=0, eps=1e-3, lr=0.1, directions=KeptDirections(SHAPES), clip=clip)
+
+
+@pytest.mark.parametrize("q,bad", [(1, 0), (3, 2)])
+def test_non_finite_loss_restores_the_weights_and_raises(q, bad):
+    w, _, loss_at = _problem()
+    w0 = [a.copy() for a in w]
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return float("nan") if len(calls) == 2 * bad + 2 else loss_at(w)
+    with pytest.raises(FloatingPointError, match="step 4"):
+        mezo_step(w, loss_fn, step=4, seed=1, eps=1e-2, lr=0.1, directions=KeptDirections(SHAPES), n_directions=q)
+    for a, b in zip(w, w0):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_decay_mask_is_matrices_only():
+    assert decay_mask([np.zeros((2, 2)), np.zeros(3), np.zeros((1, 2, 3))]) == [True, False, True]
+
+
+def test_linear_schedule_decays_to_zero_at_its_length_and_stays_there():
+    assert [lr_at(t, 4, 0.8, "linear") for t in range(6)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0, 0.0])
+    assert [lr_at(t, 4, 0.8, "constant") for t in (0, 3, 9)] == [0.8, 0.8, 0.8]
+    with pytest.raises(ValueError):
+        lr_at(0, 4, 0.8, "cosine")
+
+
+def test_seeds_are_pure_and_distinct():
+    assert step_seed(0, 5) == step_seed(0, 5)
+    seeds = {step_seed(r, s) for r in range(3) for s in range(100)}
+    assert len(seeds) == 300
+    assert direction_seed(17, 0) == 17
+    assert len({direction_seed(17, i) for i in range(8)}) == 8
+
+
+def test_record_survives_json():
+    r = StepRecord(3, 2**63 + 5, (0.1, -2.5), 1e-5, 1e-3, 0.01, (0.7, 0.6), (0.65, 0.61))
+    back = StepRecord.from_json(json.loads(json.dumps(r.to_json())))
+    assert back == r
+
+
+def _run(kind, q, wd, clip, steps=25, threads=2):
+    w, _, loss_at = _problem()
+    d = Directions(kind, threads=threads)
+    mask = [True, False, True]
+    records = [mezo_step(w, lambda: loss_at(w), step=t, seed=1000 + t, eps=1e-3, lr=lr_at(t, steps, 0.01, "linear"),
+                         directions=d, n_directions=q, clip=clip, weight_decay=wd, decay=mask)
+               for t in range(steps)]
+    return w, records, mask
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "gaussian-table"])
+@pytest.mark.parametrize("q,wd,clip", [(1, 0.0, None), (1, 0.3, 5.0), (3, 0.1, 0.5)])
+def test_replay_rebuilds_weights_bit_exactly(kind, q, wd, clip):
+    w, records, mask = _run(kind, q, wd, clip)
+    fresh, _, _ = _problem()
+    replay(fresh, records, Directions(kind, threads=1), decay=mask)
+    for a, b in zip(w, fresh):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_replay_in_two_parts_equals_one():
+    w, records, mask = _run("rademacher", 1, 0.2, None, steps=10)
+    one, _, _ = _problem()
+    two, _, _ = _problem()
+    d = Directions("rademacher", threads=1)
+    replay(one, records, d, decay=mask)
+    replay(two, records[:4], d, decay=mask)
+    replay(two, records[4:], d, decay=mask)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_loss_falls_on_a_learnable_problem(kind):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 20)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    w = [np.zeros((4, 5), np.float32), np.zeros(3, np.float32)]
+
+    def loss_fn():
+        return float(np.mean((a @ w[0].ravel() - b) ** 2) + np.sum((w[1] - 1.0) ** 2))
+    start = loss_fn()
+    d = Directions(kind)
+    for t in range(400):
+        mezo_step(w, loss_fn, step=t, seed=t, eps=1e-3, lr=2e-3, directions=d)
+    assert loss_fn() < 0.3 * start
