@@ -1,13 +1,14 @@
 # The two commands of the README:
-#   make demo   set up, export the packaged SmolLM2-135M, fine-tune it on SST-2 (~10 min here)
+#   make demo   set up, export the packaged SmolLM2-135M, fine-tune it on SST-2
 #   make test   set up and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 MODEL := models/smollm2-135m
+RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench accuracy clean
+.PHONY: setup test demo bench accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +28,25 @@ $(MODEL)/manifest.json: | setup
 
 demo: setup $(MODEL)/manifest.json
 	rm -rf runs/demo
-	$(VENV)/bin/ortzo finetune $(MODEL) --task sst2 --data $(DATA)/sst2 --out runs/demo \
-		--steps 200 --lr 5e-5 --clip 30 --eval-every 100 --eval-examples 872
+	$(VENV)/bin/ortzo finetune --config $(RECIPE) --data $(DATA)/sst2 --out runs/demo --steps 200
 
 bench: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64
 
-# The accuracy run of the README: 1000 training examples, the whole validation set.
+# The accuracy run of the README: 1000 steps; run again after an interruption, it resumes.
 accuracy: setup $(MODEL)/manifest.json
-	$(VENV)/bin/ortzo finetune $(MODEL) --task sst2 --data $(DATA)/sst2 --out runs/sst2-accuracy \
-		--steps 1000 --lr 5e-5 --clip 30 --eval-every 100 --checkpoint-every 100 $(if $(wildcard runs/sst2-accuracy/config.json),--resume,)
+	$(VENV)/bin/ortzo finetune --out runs/sst2-accuracy $(if $(wildcard runs/sst2-accuracy/config.json),--resume,--config $(RECIPE) --data $(DATA)/sst2)
+
+# kill -9 a tiny run 200 times at random moments, resuming each time (the README's figure).
+crashes: setup
+	ORTZO_KILLS=200 $(PY) -m pytest -q -s tests/test_crashes.py
+
+# Mutation testing of the optimizer and the run folder against their fast tests (~25 min).
+mutation: setup
+	$(PY) -m pip install -q -e '.[mutation]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 < /dev/null | tr '\r' '\n' | tail -n 2
+	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf runs $(MODEL)
+	rm -rf runs $(MODEL) mutants

@@ -80,8 +80,8 @@ class RunFolder:
             raise OrtzoError(f"{self.path} already holds a run; pass --resume to continue it or choose another --out")
         foreign = sorted(p.name for p in self.path.iterdir() if p.name != LOCK and not _stale(p))
         if foreign:
-            raise OrtzoError(f"run folder {self.path} is not empty (it has {', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); choose another --out")
+            raise OrtzoError(f"run folder {self.path} is not empty (it has {', '.join(foreign)}); "
+                             "choose another --out")
 
     def clean_stale(self) -> None:
         """Remove the temporary files a killed writer left (only the lock holder may)."""
