@@ -55,14 +55,15 @@ def flag(name: str) -> str:
 
 
 def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
-    name = ".".join(str(x) for x in err["loc"][:1]) or "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a rule across settings
+        return msg
+    name = str(err["loc"][0])
     if err["type"] == "extra_forbidden":
         return f"unknown setting {name!r} (valid: {', '.join(cls.model_fields)})"
     if err["type"] == "missing":
-        return f"{flag(name)} is required"
-    shown = name if name not in cls.model_fields else flag(name)
-    return f"{shown}: {err['msg'].removeprefix('Value error, ')} (got {err['input']!r})" if "input" in err \
-        else f"{shown}: {err['msg']}"
+        return f"missing setting {name!r}"
+    return f"{flag(name)}: {msg} (got {err['input']!r})"
 
 
 class RunConfig(Settings):

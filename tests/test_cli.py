@@ -335,3 +335,15 @@ def test_training_and_evaluation_import_no_torch(tiny_model, tiny_data, tmp_path
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_prunes_what_a_kill_between_save_and_prune_left(tiny_model, tiny_data, tmp_path):
+    """Found by the fault injection: killed after the last checkpoint's rename, before pruning."""
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run) == 0
+    extra = run / "checkpoints" / "step-0000004"
+    shutil.copytree(run / "checkpoints" / "step-0000008", extra)
+    meta = json.loads((extra / "checkpoint.json").read_text())
+    (extra / "checkpoint.json").write_text(json.dumps(meta | {"steps_applied": 4}))
+    assert main(["finetune", "--resume", "--out", str(run)]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]

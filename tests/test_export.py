@@ -123,3 +123,45 @@ def test_fp16_folder_computes_with_fp16_rounded_weights(tiny_hf, tiny_model, tin
         logits = model(**{k: torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask", "position_ids")}).logits
     want = torch.log_softmax(logits[:, -1], -1)[:, [7, 40]].numpy()
     np.testing.assert_allclose(session(feeds), want, atol=2e-5)
+
+
+def test_packaged_gguf_is_assembled_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A chunked package's GGUF: a partial file from a killed assembly is never reused."""
+    import sys
+    import tempfile
+    import types
+
+    from ortzo.errors import OrtzoError
+    from ortzo.model.export.sources import _assembled
+
+    data = b"GGUF" + bytes(range(256)) * 40
+    fake = types.ModuleType("fake_gguf_pkg")
+    fake.EXPECTED_SHA256 = hashlib.sha256(data).hexdigest()
+    fake.calls = 0
+
+    def assemble(path):
+        fake.calls += 1
+        with open(path, "wb") as f:
+            f.write(data[:100])
+            if fake.fail:
+                raise OSError("killed half-way")
+            f.write(data[100:])
+    fake.assemble, fake.fail = assemble, False
+    monkeypatch.setitem(sys.modules, "fake_gguf_pkg", fake)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = {"module": "fake_gguf_pkg", "package": "fake", "file": "m.gguf", "assemble": "assemble",
+            "sha256_attr": "EXPECTED_SHA256"}
+    target = tmp_path / "ortzo-gguf" / "m.gguf"
+    target.parent.mkdir()
+    target.write_bytes(data[:100])  # what the old in-place assembly left after a kill
+    assert _assembled(spec) == target and target.read_bytes() == data and fake.calls == 1
+    assert _assembled(spec) == target and fake.calls == 1  # whole and checked: reused
+    target.unlink()
+    fake.fail = True
+    with pytest.raises(OSError):
+        _assembled(spec)
+    assert sorted(p.name for p in target.parent.iterdir()) == [".m.gguf.lock"]
+    fake.EXPECTED_SHA256, fake.fail = "0" * 64, False
+    with pytest.raises(OrtzoError, match="sha256"):
+        _assembled(spec)
+    assert not target.exists()

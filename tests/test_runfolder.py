@@ -139,6 +139,9 @@ def test_checkpoints_sort_by_number_and_keep_the_newest(tmp_path):
         checkpoint.save(tmp_path, store, step)  # keeps 2 by default
     assert checkpoint.saved(tmp_path) == [10_000_000, 10_000_001]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    checkpoint.save(tmp_path, store, 10_000_002, keep=5)
+    checkpoint.prune(tmp_path, 1)  # as a resume does
+    assert checkpoint.saved(tmp_path) == [10_000_002]
 
 
 def test_saving_a_step_again_replaces_it_and_its_leftovers(tmp_path):

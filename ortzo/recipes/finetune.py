@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .. import jsonl
 from ..config import RECORDED, RunConfig, flag
 from ..errors import OrtzoError
+from ..model.session import ScoringSession
 from ..model.weights import WeightStore
 from ..optim import steplog
 from ..optim.mezo import decay_mask, lr_at, mezo_step, replay, step_seed
@@ -69,6 +70,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
         for note in version_notes(recorded):
             print(note)
         run.clean_stale()
+        checkpoint.prune(run.path, cfg.keep_checkpoints)
         log = steplog.read(run.steps)
         history, torn = jsonl.read(run.metrics)
         for path, tail in ((run.steps, log.torn), (run.metrics, torn)):
@@ -100,23 +102,12 @@ def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, hi
     train_ids = [encoder.encode(e) for e in splits.train]
     train_labels = np.array([e[setup.task.label_field] for e in splits.train], np.int64)
 
-    with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out:
+    with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out, \
+            tqdm(total=cfg.steps, initial=len(log), desc="mezo", unit="step", dynamic_ncols=True) as bar:
         def measure(step: int) -> None:
-            """Evaluate the weights after `step` steps; append its metrics row."""
             t = time.perf_counter()
-            row: dict[str, Any] = {"step": step}
-            for name, examples in (("eval", splits.eval), ("dev", splits.dev)):
-                if examples:
-                    r = evaluate(session, encoder, examples, cfg.eval_batch_size, desc=f"{name} at step {step}")
-                    row |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
-            eval_seconds = time.perf_counter() - t
-            since = history[-1]["step"] if history else 0
-            losses = [r.loss for r in log.records[since:step]]
-            train_seconds = sum(log.seconds[:step])
-            row = {"step": step, "train_seconds": round(train_seconds, 3),
-                   "wall_seconds": round(train_seconds + sum(h["eval_seconds"] for h in history) + eval_seconds, 3),
-                   "eval_seconds": round(eval_seconds, 3),
-                   "train_loss": float(np.mean(losses)) if losses else None} | row
+            scores = _evaluate(setup, session, step)
+            row = _row(step, log, history, scores, time.perf_counter() - t)
             history.append(row)
             metrics_out.append(row)
 
@@ -128,33 +119,31 @@ def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, hi
         if len(log) and _is_checkpoint(cfg, len(log)) and len(log) not in checkpoint.saved(run.path):
             checkpoint.save(run.path, store, len(log), cfg.keep_checkpoints)
 
-        bar = tqdm(range(len(log), cfg.steps), initial=len(log), total=cfg.steps, desc="mezo", unit="step",
-                   dynamic_ncols=True)
-        with bar:
-            for step in bar:
-                t0 = time.perf_counter()
-                idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
-                batch = encoder.batch([train_ids[i] for i in idx], train_labels[idx])
-                try:
-                    record = mezo_step(buffers, lambda b=batch: loss(session(b.feeds), b.labels), step=step,
-                                       seed=step_seed(cfg.seed, step), eps=cfg.eps,
-                                       lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule),
-                                       directions=setup.directions, n_directions=cfg.n_directions, clip=cfg.clip,
-                                       weight_decay=cfg.weight_decay, decay=decay)
-                except FloatingPointError as e:
-                    raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
-                                     f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
-                seconds = time.perf_counter() - t0
-                steps_out.append_step(record, seconds)
-                log.records.append(record)
-                log.seconds.append(seconds)
-                done = step + 1
-                if _is_eval(cfg, done):
-                    measure(done)
-                if _is_checkpoint(cfg, done):
-                    checkpoint.save(run.path, store, done, cfg.keep_checkpoints)
-                bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{history[-1]['eval_accuracy']:.3f}",
-                                s_per_step=f"{sum(log.seconds) / done:.2f}", refresh=False)
+        for step in range(len(log), cfg.steps):
+            t0 = time.perf_counter()
+            idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
+            batch = encoder.batch([train_ids[i] for i in idx], train_labels[idx])
+            try:
+                record = mezo_step(buffers, lambda: loss(session(batch.feeds), batch.labels), step=step,
+                                   seed=step_seed(cfg.seed, step), eps=cfg.eps,
+                                   lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule),
+                                   directions=setup.directions, n_directions=cfg.n_directions, clip=cfg.clip,
+                                   weight_decay=cfg.weight_decay, decay=decay)
+            except FloatingPointError as e:
+                raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
+                                 f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
+            seconds = time.perf_counter() - t0
+            steps_out.append_step(record, seconds)
+            log.records.append(record)
+            log.seconds.append(seconds)
+            done = step + 1
+            if _is_eval(cfg, done):
+                measure(done)
+            if _is_checkpoint(cfg, done):
+                checkpoint.save(run.path, store, done, cfg.keep_checkpoints)
+            bar.update()
+            bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{history[-1]['eval_accuracy']:.3f}",
+                            s_per_step=f"{sum(log.seconds) / done:.2f}", refresh=False)
 
     plot_curves(history, run.curve, title=f"MeZO on {setup.task.name}: {setup.model_dir.name}")
     _print_table(history)
@@ -164,6 +153,29 @@ def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, hi
           f"{last['wall_seconds'] / 60:.1f} min with evaluations); metrics {run.metrics}, plot {run.curve}")
     return {"zero_shot_accuracy": first["eval_accuracy"], "final_accuracy": last["eval_accuracy"],
             "steps": last["step"], "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"]}
+
+
+def _evaluate(setup: Setup, session: ScoringSession, step: int) -> dict[str, float]:
+    """Accuracy and loss on the evaluation (and dev) examples, as metrics fields."""
+    scores = {}
+    for name, examples in (("eval", setup.splits.eval), ("dev", setup.splits.dev)):
+        if examples:
+            r = evaluate(session, setup.encoder, examples, setup.cfg.eval_batch_size, desc=f"{name} at step {step}")
+            scores |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
+    return scores
+
+
+def _row(step: int, log: steplog.Log, history: list[dict], scores: dict[str, float],
+         eval_seconds: float) -> dict[str, Any]:
+    """The metrics row of `step`, accounted from the step log and the earlier rows, as an
+    uninterrupted run would have it: train loss since the last row, seconds of the steps so far,
+    and those plus every evaluation's seconds."""
+    since = history[-1]["step"] if history else 0
+    losses = [r.loss for r in log.records[since:step]]
+    train_seconds = sum(log.seconds[:step])
+    wall_seconds = train_seconds + sum(h["eval_seconds"] for h in history) + eval_seconds
+    return {"step": step, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+            "eval_seconds": round(eval_seconds, 3), "train_loss": float(np.mean(losses)) if losses else None} | scores
 
 
 def _check_batch(setup: Setup) -> None:

@@ -52,9 +52,15 @@ def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    for old in saved(run_dir)[:-keep]:
-        shutil.rmtree(root / name(old))
+    prune(run_dir, keep)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (a resume prunes too: a kill between a
+    save and its pruning leaves one too many)."""
+    for old in saved(run_dir)[:-keep]:
+        shutil.rmtree(run_dir / DIR / name(old))
 
 
 def saved(run_dir: Path) -> list[int]:
