@@ -69,18 +69,18 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
         setup.check_model(recorded, run.path)
         for note in version_notes(recorded):
             print(note)
-        run.clean_stale()
-        checkpoint.prune(run.path, cfg.keep_checkpoints)
         log = steplog.read(run.steps)
         history, torn = jsonl.read(run.metrics)
-        for path, tail in ((run.steps, log.torn), (run.metrics, torn)):
-            if tail:
-                print(f"note: {jsonl.torn_note(path, tail)}")
         if cfg.steps < len(log):
             raise OrtzoError(f"{run.path} has already logged {len(log)} steps; --steps must be at least that")
         if history and history[-1]["step"] > len(log):
             raise OrtzoError(f"{run.metrics} has a row for step {history[-1]['step']}, "
                              f"but {run.steps} ends at step {len(log)}")
+        for path, tail in ((run.steps, log.torn), (run.metrics, torn)):
+            if tail:
+                print(f"note: {jsonl.torn_note(path, tail)}")
+        run.clean_stale()  # the writers cut the torn tails when they open
+        checkpoint.prune(run.path, cfg.keep_checkpoints)
         if changed:
             resumes = recorded.get("resumes", []) + [{"at_step": len(log), "changed": changed}]
             run.write_config(cfg.model_dump() | {RECORDED: recorded | {"resumes": resumes}})

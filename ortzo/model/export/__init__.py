@@ -23,11 +23,11 @@ from pathlib import Path
 from ...errors import OrtzoError
 from ..manifest import Manifest
 from .convert import convert
-from .sources import known_models, load_to_folder, resolve
+from .sources import load_to_folder, resolve
 from .tokenizer import export_tokenizer
 from .trace import optimum_export
 
-__all__ = ["export_model", "known_models"]
+__all__ = ["export_model"]
 
 STAGES = 4
 
