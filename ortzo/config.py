@@ -113,21 +113,19 @@ class RunConfig(Settings):
         return self
 
     def resolved(self) -> RunConfig:
-        """Paths made absolute (so the run works from any folder) and the schedule's length fixed."""
-        def absolute(p: str | None, exists: bool = False) -> str | None:
-            if p is None or p.startswith(HUB) or (exists and not Path(p).exists()):
-                return p
-            return str(Path(p).resolve())
+        """Paths made absolute (so the run works from any folder) and the schedule's length fixed.
+        A split given as a .jsonl file counts as a path when it exists from here; otherwise it
+        stays relative to the data folder."""
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or p.startswith(HUB) else str(Path(p).resolve())
+
+        def file(p: str | None, suffix: str) -> str | None:
+            return absolute(p) if p and p.endswith(suffix) and Path(p).exists() else p
 
         return self.model_copy(update={
-            "model": absolute(self.model), "data": absolute(self.data),
-            "task": absolute(self.task) if self.task.endswith(".toml") else self.task,
-            "target": absolute(self.target) if self.target.endswith(".toml") else self.target,
-            "train_split": absolute(self.train_split, exists=True) if (self.train_split or "").endswith(".jsonl")
-            else self.train_split,
-            "eval_split": absolute(self.eval_split, exists=True) if (self.eval_split or "").endswith(".jsonl")
-            else self.eval_split,
-            "schedule_steps": self.schedule_steps or self.steps})
+            "model": absolute(self.model), "data": absolute(self.data), "task": file(self.task, ".toml"),
+            "target": file(self.target, ".toml"), "train_split": file(self.train_split, ".jsonl"),
+            "eval_split": file(self.eval_split, ".jsonl"), "schedule_steps": self.schedule_steps or self.steps})
 
 
 class EvalOptions(Settings):
