@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-engines memory-table compare-sst2 compare-boolq accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,27 @@ demo: setup $(MODEL)/manifest.json
 
 bench: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64
+
+# ortzo's MeZO vs the PyTorch baselines: step time (interleaved in one process), peak RSS (one process each).
+bench-engines: setup $(MODEL)/manifest.json
+	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64 --directions --engines ort torch-mezo torch-bp
+
+GEMMA := models/gemma3-270m
+TINY := models/tiny-llama
+
+$(GEMMA)/manifest.json: | setup
+	$(VENV)/bin/ortzo export gemma3-270m --out $(GEMMA) --force
+
+$(TINY)/manifest.json: | setup
+	$(PY) tests/tiny.py $(TINY)
+
+# The memory model against measured peak RSS (the README's validation table, ~20 min).
+memory-table: setup $(TINY)/manifest.json $(MODEL)/manifest.json $(GEMMA)/manifest.json
+	$(VENV)/bin/ortzo memory --validate $(TINY) $(MODEL) $(GEMMA) --out docs/memory-validation.jsonl
+
+# The same-budget experiment (docs/compare.md); run again after an interruption, it resumes.
+compare-sst2 compare-boolq: compare-%: setup $(MODEL)/manifest.json $(GEMMA)/manifest.json
+	$(VENV)/bin/ortzo compare configs/compare-$*.toml --out runs/compare-$*
 
 # The accuracy run of the README: 1000 steps; run again after an interruption, it resumes.
 accuracy: setup $(MODEL)/manifest.json

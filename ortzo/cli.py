@@ -1,4 +1,4 @@
-"""`ortzo export | finetune | eval | bench | bench-export`.
+"""`ortzo export | finetune | eval | compare | bench | bench-export` (and `memory`).
 
 Options come from the settings models in `config`. Every problem a user can cause (a bad
 option value, a missing or corrupt file, an unwritable or full disk) is one line on stderr
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import config
-from .config import BenchExportOptions, BenchOptions, EvalOptions, ExportOptions, RunConfig
+from .config import (BenchExportOptions, BenchOptions, CompareOptions, CompareSpec, EvalOptions, ExportOptions,
+                     RunConfig)
 from .errors import OrtzoError
 
 
@@ -67,11 +68,23 @@ def _eval(a: argparse.Namespace) -> None:
     print(json.dumps(evaluate_path(EvalOptions.build(config.given(a, EvalOptions)))))
 
 
+def _compare(a: argparse.Namespace) -> None:
+    from .recipes.compare import compare
+
+    o = CompareOptions.build(config.given(a, CompareOptions))
+    changes = {k: v for k, v in o.model_dump().items() if v is not None and k in ("seeds", "time_budget",
+                                                                                   "memory_budget")}
+    compare(CompareSpec.build(config.read_file(o.spec) | changes, f"{o.spec}: "), Path(o.out))
+
+
 def _bench(a: argparse.Namespace) -> None:
-    from .recipes.bench import bench_step
+    from .recipes.bench import bench_engines, bench_step
 
     o = BenchOptions.build(config.given(a, BenchOptions))
-    bench_step(Path(o.model), o.batch_size, o.seq_len, o.repeats, o.target, list(o.directions))
+    if o.directions:
+        bench_step(Path(o.model), o.batch_size, o.seq_len, o.repeats, o.target, list(o.directions))
+    if o.engines:
+        bench_engines(Path(o.model), o.batch_size, o.seq_len, o.repeats, list(o.engines))
 
 
 def _bench_export(a: argparse.Namespace) -> None:
@@ -79,6 +92,12 @@ def _bench_export(a: argparse.Namespace) -> None:
 
     o = BenchExportOptions.build(config.given(a, BenchExportOptions))
     bench_export(Path(o.work), o.layers, o.hidden, o.intermediate, o.vocab)
+
+
+def _memory(a: argparse.Namespace) -> None:
+    from .recipes.memory import run
+
+    run(config.MemoryOptions.build(config.given(a, config.MemoryOptions)))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,11 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     v = command("eval", "accuracy of a model folder (zero-shot) or of a run's weights", _eval)
     config.add_options(v, EvalOptions, positional=("path",))
 
+    c = command("compare", "the same-budget experiment: arms x seeds for a time budget, curves as CSV and PNG",
+                _compare)
+    config.add_options(c, CompareOptions, positional=("spec",))
+
     b = command("bench", "MeZO step vs forward time (interleaved in one process) and peak memory", _bench)
     config.add_options(b, BenchOptions, positional=("model",))
 
     x = command("bench-export", "peak memory of the export pass on a random multi-GB Llama", _bench_export)
     config.add_options(x, BenchExportOptions)
+
+    m = command("memory", "the memory model: per-term bytes of ort-mezo, torch-mezo and bp, or with --budget "
+                "the largest model that fits", _memory)
+    config.add_options(m, config.MemoryOptions, positional=("model",), optional_positional=True)
     return p
 
 

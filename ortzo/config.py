@@ -22,6 +22,7 @@ from typing import Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .engines.base import ENGINES
 from .errors import OrtzoError
 from .optim.directions import KINDS
 from .tasks.task import HUB
@@ -76,7 +77,9 @@ class RunConfig(Settings):
     train_split: str | None = setting(None, "split to train on: a name (reads <name>.jsonl) or a .jsonl file; "
                                       "default: the task's (train)")
     eval_split: str | None = setting(None, "split to evaluate on, likewise; default: the task's (validation)")
-    steps: int = setting(1000, "MeZO steps in all (may grow on resume)", resumable=True, ge=1)
+    steps: int = setting(1000, "steps in all (may grow on resume)", resumable=True, ge=1)
+    time_budget: float | None = setting(None, "end the run after the step at which its steps' seconds "
+                                        "(train_seconds) reach this; evaluated and saved there", resumable=True, gt=0)
     batch_size: int = setting(16, "training examples per step", ge=1)
     lr: float = setting(1e-5, "learning rate (peak, for the linear schedule)", resumable=True, ge=0)
     eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
@@ -105,11 +108,34 @@ class RunConfig(Settings):
     seed: int = setting(0, "seeds the example sample, batch order and directions", ge=0)
     target: str = setting("cpu", "execution-provider target: a name in targets/ or a .toml file",
                           resumable=True, flags=("--provider",))
+    engine: Literal[ENGINES] = setting("ort", "ort: MeZO through ONNX Runtime; the PyTorch baselines (the torch "
+                                       "extra): torch-bp, backprop, and torch-mezo, MeZO as its reference code")
+    optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "torch-bp: AdamW, SGD, or SGD with momentum")
+    momentum: float = setting(0.9, "torch-bp with --optimizer momentum: the momentum", ge=0, lt=1)
+    checkpoint_fraction: float = setting(0.0, "torch-bp: fraction of the layers whose activations are recomputed "
+                                         "in backward instead of kept (the paper's L'/L)", ge=0, le=1)
 
     @model_validator(mode="after")
     def _decay_keeps_sign(self) -> Self:
         if self.lr * self.weight_decay >= 1:
             raise ValueError(f"lr x weight_decay = {self.lr * self.weight_decay:g} must stay below 1")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> Self:
+        """A setting the chosen engine would ignore is an error, not a silent no-op."""
+        fields = type(self).model_fields
+        ignored = {"ort": ("optimizer", "momentum", "checkpoint_fraction"),
+                   "torch-mezo": ("optimizer", "momentum", "checkpoint_fraction", "directions", "n_directions",
+                                  "clip"),
+                   "torch-bp": ("eps", "directions", "n_directions", "clip")}[self.engine]
+        if self.optimizer != "momentum":
+            ignored += ("momentum",)
+        if self.target != "cpu" and self.engine != "ort":
+            raise ValueError(f"--engine {self.engine} runs on the CPU only (--provider cpu)")
+        given = [flag(k) for k in dict.fromkeys(ignored) if getattr(self, k) != fields[k].default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used by --engine {self.engine}")
         return self
 
     def resolved(self) -> RunConfig:
@@ -126,6 +152,27 @@ class RunConfig(Settings):
             "model": absolute(self.model), "data": absolute(self.data), "task": file(self.task, ".toml"),
             "target": file(self.target, ".toml"), "train_split": file(self.train_split, ".jsonl"),
             "eval_split": file(self.eval_split, ".jsonl"), "schedule_steps": self.schedule_steps or self.steps})
+
+
+class CompareSpec(Settings):
+    """`ortzo compare`: the experiment, as a .toml file (see configs/compare-*.toml)."""
+
+    title: str = setting("compare", "the plot's title")
+    memory_budget: str = setting(..., "peak memory each run may use, e.g. 3GiB; picks each arm's model")
+    time_budget: float = setting(..., "seconds of training steps per run", gt=0)
+    seeds: list[int] = setting([0, 1, 2], "seeds: one run per arm and seed", min_length=1)
+    common: dict[str, Any] = setting({}, "finetune settings every arm shares")
+    arms: dict[str, dict[str, Any]] = setting(..., "arm name -> finetune settings, with `model` (taken) or "
+                                              "`models` (the largest that fits is picked)", min_length=1)
+
+
+class CompareOptions(Settings):
+    spec: str = setting(..., "the experiment: a .toml file (its keys: title, memory_budget, time_budget, seeds, "
+                        "common, arms)")
+    out: str = setting(..., "folder of the runs, curves.csv, summary.csv, curves.png")
+    seeds: list[int] | None = setting(None, "override the spec's seeds", min_length=1)
+    time_budget: float | None = setting(None, "override the spec's seconds of steps per run", gt=0)
+    memory_budget: str | None = setting(None, "override the spec's memory budget")
 
 
 class EvalOptions(Settings):
@@ -158,7 +205,9 @@ class BenchOptions(Settings):
     batch_size: int = setting(8, "batch rows", ge=1)
     seq_len: int = setting(64, "tokens per row", ge=1)
     repeats: int = setting(5, "timed (forward, step) pairs per direction kind", ge=1)
-    directions: list[Literal[KINDS]] = setting(list(KINDS), "direction kinds to time", min_length=1)
+    directions: list[Literal[KINDS]] = setting(list(KINDS), "direction kinds to time (the flag alone: none)")
+    engines: list[Literal[ENGINES]] = setting([], "also time these engines' steps (interleaved in one process) "
+                                              "and each one's peak RSS (alone in its own)")
     target: str = setting("cpu", "execution-provider target", flags=("--provider",))
 
 
@@ -168,6 +217,39 @@ class BenchExportOptions(Settings):
     hidden: int = setting(1536, "hidden size (a multiple of 256)", ge=256, multiple_of=256)
     intermediate: int = setting(4096, "MLP size", ge=1)
     vocab: int = setting(32000, "vocabulary size", ge=16)
+
+
+class MemoryOptions(Settings):
+    """`ortzo memory`: the memory model (ortzo/memory.py) for one model, or inverted for a budget."""
+
+    model: str | None = setting(None, "alias (see export/), a Hugging Face config.json or a folder holding one, "
+                                "or a trainable folder (its hf_config.json); not needed with --budget")
+    batch_size: int = setting(16, "batch rows", ge=1)
+    seq_len: int = setting(256, "tokens per row", ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = setting("float32", "weights, activations, gradients and "
+                                                               "optimizer state (the engines run float32)")
+    method: Literal["ort-mezo", "torch-mezo", "bp"] | None = setting(None, "show one method; default: all three "
+                                                                     "(--budget's MeZO column: ort-mezo unless "
+                                                                     "torch-mezo is given)")
+    optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "bp: AdamW, SGD, or SGD with momentum")
+    checkpoint_fraction: float | None = setting(None, "bp: fraction of the decoder layers checkpointed (they keep "
+                                                "only their input); default: 0, and 1 for --budget's "
+                                                "checkpointed column", ge=0, le=1)
+    unpadded: bool = setting(False, "batches of full rows: transformers drops the attention mask")
+    budget: str | None = setting(None, "a memory size (e.g. 17GB, 16GiB): with MODEL, whether it fits; alone, "
+                                 "the largest model of each family that fits for bp with and without "
+                                 "checkpointing and for MeZO, and the paper's setting")
+    validate_folders: list[str] | None = setting(None, "trainable folders: predicted vs measured peak RSS of every "
+                                                 "method at batch 8 x 64 and 16 x 128 (one child process a row)",
+                                                 flags=("--validate",), min_length=1)
+    default_malloc: bool = setting(False, "--validate: measure under glibc's default malloc (its slack included)")
+    out: str | None = setting(None, "--validate: also write the rows to this .jsonl file")
+
+    @model_validator(mode="after")
+    def _model_or_budget(self) -> Self:
+        if self.model is None and self.budget is None and self.validate_folders is None:
+            raise ValueError("give a MODEL, --budget or --validate")
+        return self
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type[Settings], positional: tuple[str, ...] = (),
@@ -188,8 +270,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Settings], positional
         if kind is bool:
             kwargs["action"] = "store_true"
         else:
-            if get_origin(kind) is list:
-                kwargs["nargs"] = "+"
+            if get_origin(kind) is list:  # may it be empty? then the flag alone says so
+                kwargs["nargs"] = "+" if any(getattr(m, "min_length", 0) for m in field.metadata) else "*"
                 kind, _ = _unwrap(get_args(kind)[0])
             if get_origin(kind) is Literal:
                 kwargs["choices"] = get_args(kind)

@@ -17,7 +17,7 @@ from ortzo.model.manifest import Manifest
 
 TRAIN = ["--task", "sst2", "--steps", "12", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6",
          "--checkpoint-every", "4", "--train-examples", "48"]
-TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds")
+TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds", "peak_rss_mib")
 
 
 def _finetune(model, data, out, *extra):
@@ -148,7 +148,7 @@ def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tm
 
 def test_a_non_finite_loss_stops_the_run_and_a_smaller_lr_continues_it(tiny_model, tiny_data, tmp_path, capsys,
                                                                      monkeypatch):
-    from ortzo.recipes import finetune
+    from ortzo.engines import ort as finetune  # where the ORT engine's loss is looked up
 
     run = tmp_path / "run"
     real = finetune.loss
@@ -347,3 +347,19 @@ def test_resume_prunes_what_a_kill_between_save_and_prune_left(tiny_model, tiny_
     (extra / "checkpoint.json").write_text(json.dumps(meta | {"steps_applied": 4}))
     assert main(["finetune", "--resume", "--out", str(run)]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]
+
+
+def test_a_time_budget_ends_the_run_after_the_step_that_reaches_it(tiny_model, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "100000", "--time-budget", "0.5") == 0
+    steps, metrics = _lines(run / "steps.jsonl"), _lines(run / "metrics.jsonl")
+    seconds = [s["seconds"] for s in steps]
+    assert sum(seconds[:-1]) < 0.5 <= sum(seconds)
+    assert metrics[-1]["step"] == len(steps) and metrics[-1]["train_seconds"] >= 0.5
+    assert f"step-{len(steps):07d}" in [p.name for p in (run / "checkpoints").iterdir()]
+    assert main(["finetune", "--resume", "--out", str(run)]) == 0  # nothing left to do
+    assert len(_lines(run / "steps.jsonl")) == len(steps) and len(_lines(run / "metrics.jsonl")) == len(metrics)
+    assert main(["finetune", "--resume", "--out", str(run), "--time-budget", "1.0"]) == 0
+    more = _lines(run / "steps.jsonl")
+    assert len(more) > len(steps) and sum(s["seconds"] for s in more[:-1]) < 1.0 <= sum(s["seconds"] for s in more)
+    assert _lines(run / "metrics.jsonl")[-1]["step"] == len(more)

@@ -20,7 +20,7 @@ ARGS = ["--task", "sst2", "--steps", "10", "--batch-size", "8", "--lr", "5e-3", 
         "--checkpoint-every", "2", "--train-examples", "48", "--dev-examples", "8", "--eval-examples", "16",
         "--schedule", "linear"]
 SITES = {"forward": 40, "append": 16, "checkpoint": 6, "rename": 10, "timer": None}
-TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds")
+TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds", "peak_rss_mib")  # vary per process
 
 
 def _state(run: Path) -> dict:

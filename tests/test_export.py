@@ -93,22 +93,6 @@ def test_export_refuses_to_overwrite(tiny_hf, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_gemma3_gets_position_ids_and_one_embedding_buffer(tmp_path):
-    """Optimum's Gemma 3 export has no position_ids and stores the tied embedding twice."""
-    from ortzo.model.export import export_model
-    from tiny import make_tiny_gemma3
-
-    hf = make_tiny_gemma3(tmp_path / "hf")
-    m = export_model(str(hf), tmp_path / "out")
-    assert "position_ids" in m.inputs
-    assert [p.name for p in m.parameters if "embed" in p.name or "lm_head" in p.name] == ["model.embed_tokens.weight"]
-    _, session = open_folder(tmp_path / "out")
-    encoded = [[3, 4, 5, 6, 7, 8, 9, 10], [8, 9, 10]]  # longer than the sliding window of 4, left padded
-    feeds = collate(encoded, 1, np.array([5, 6, 7]))
-    want = _torch_logprobs(hf, feeds)[feeds["score_index"]][:, [5, 6, 7]]
-    np.testing.assert_allclose(session(feeds), want, atol=2e-5)
-
-
 def test_fp16_folder_computes_with_fp16_rounded_weights(tiny_hf, tiny_model, tiny_model_fp16):
     m16 = Manifest.load(tiny_model_fp16)
     assert {p.dtype for p in m16.parameters} == {"float16"}

@@ -28,7 +28,7 @@ def test_spsa_estimate_matches_autograd_directional_derivative(tiny_hf, tiny_mod
     names = list(store.arrays)
     buffers = [store.arrays[n] for n in names]
     directions = Directions(kind)
-    eps = 1e-3
+    eps = 1e-4  # at 1e-3 the curvature along a Gaussian z already shows (float64 PyTorch agrees)
     rec = mezo_step(buffers, lambda: loss(session(feeds), LABELS), step=0, seed=123, eps=eps, lr=0.0,
                     directions=directions)
 

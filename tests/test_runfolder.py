@@ -17,7 +17,7 @@ from ortzo.model.manifest import Manifest, Parameter
 from ortzo.model.weights import WeightStore
 from ortzo.optim import steplog
 from ortzo.optim.directions import Directions
-from ortzo.optim.mezo import StepRecord, mezo_step, replay
+from ortzo.optim.mezo import StepRecord, decay_mask, mezo_step, replay
 from ortzo.run import checkpoint
 from ortzo.run.folder import RunFolder
 
@@ -150,9 +150,21 @@ def test_saving_a_step_again_replaces_it_and_its_leftovers(tmp_path):
     (tmp_path / "checkpoints" / ".step-0000004.tmp" / "weights.bin").write_bytes(b"half")
     second = _store([7, 6, 5, 4, 3, 2, 1])
     checkpoint.save(tmp_path, second, 4, keep=5)
-    got = checkpoint.load(tmp_path, 4, _loader(second))
+    got, saved = checkpoint.load(tmp_path, 4, _loader(second))
     np.testing.assert_array_equal(got.arrays["b.bias"], [3, 2, 1])
+    assert saved.folder == tmp_path / "checkpoints" / "step-0000004" and saved.meta["steps_applied"] == 4
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000004"]
+
+
+def test_an_engines_extra_state_goes_into_the_checkpoint(tmp_path):
+    def extra(folder):
+        (folder / "optimizer.pt").write_bytes(b"state")
+        return {"optimizer_sha256": "abc"}
+
+    folder = checkpoint.save(tmp_path, _store([1, 2, 3, 4, 5, 6, 7]), 5, extra=extra)
+    assert (folder / "optimizer.pt").read_bytes() == b"state"
+    _, saved = checkpoint.load(tmp_path, 5, _loader(_store([0] * 7)))
+    assert saved.meta["optimizer_sha256"] == "abc" and (saved.folder / "optimizer.pt").is_file()
 
 
 def test_fp16_checkpoints_carry_their_fp32_masters(tmp_path):
@@ -160,7 +172,7 @@ def test_fp16_checkpoints_carry_their_fp32_masters(tmp_path):
     masters = store.trainable(["a.weight"])
     masters[0] += np.float32(1e-4)  # below fp16 resolution at these values
     checkpoint.save(tmp_path, store, 3)
-    got = checkpoint.load(tmp_path, 3, _loader(store))
+    got, _ = checkpoint.load(tmp_path, 3, _loader(store))
     np.testing.assert_array_equal(got.masters["a.weight"], masters[0])
     np.testing.assert_array_equal(got.arrays["a.weight"], masters[0].astype(np.float16))
     assert "b.bias" not in got.masters
@@ -172,6 +184,21 @@ def test_a_half_written_checkpoint_is_not_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / ".step-0000008.tmp").mkdir()  # a killed save
     (tmp_path / "checkpoints" / "step-0000009").mkdir()  # no checkpoint.json
     assert checkpoint.saved(tmp_path) == [4]
+
+
+class _Replayer:
+    """The least that restore opens: MeZO's replay over all of a store's buffers."""
+
+    def __init__(self, store, saved, directions):
+        self.store, self.saved, self.directions = store, saved, directions
+
+    def replay(self, records):
+        buffers = self.store.trainable(list(self.store.arrays))
+        replay(buffers, records, self.directions, decay_mask(buffers))
+
+
+def _opener(d):
+    return lambda store, saved: _Replayer(store, saved, d)
 
 
 def test_restore_is_the_checkpoint_plus_the_replayed_records(tmp_path):
@@ -188,11 +215,11 @@ def test_restore_is_the_checkpoint_plus_the_replayed_records(tmp_path):
         if t + 1 == 3:
             checkpoint.save(tmp_path, live, 3)
     for at in (0, 2, 3, 5, 6):
-        got = checkpoint.restore(tmp_path, records, at, _loader(initial), buffers_of, d)
+        got = checkpoint.restore(tmp_path, records, at, _loader(initial), _opener(d)).store
         for a, b in zip(buffers_of(got), states[at]):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(OrtzoError, match="has 6 steps"):
-        checkpoint.restore(tmp_path, records, 7, _loader(initial), buffers_of, d)
+        checkpoint.restore(tmp_path, records, 7, _loader(initial), _opener(d))
 
 
 def test_restore_starts_from_the_newest_checkpoint_at_or_before_the_step(tmp_path):
@@ -206,9 +233,11 @@ def test_restore_starts_from_the_newest_checkpoint_at_or_before_the_step(tmp_pat
     marked = _store([9.0] * 7)
     checkpoint.save(tmp_path, marked, 3, keep=5)
     checkpoint.save(tmp_path, _store([5.0] * 7), 4, keep=5)
-    got = checkpoint.restore(tmp_path, records, 3, _loader(initial), lambda s: s.trainable(list(s.arrays)), d)
-    assert (got.arrays["a.weight"] == 9).all()
-    got = checkpoint.restore(tmp_path, records, 2, _loader(initial), lambda s: s.trainable(list(s.arrays)), d)
+    got = checkpoint.restore(tmp_path, records, 3, _loader(initial), _opener(d))
+    assert (got.store.arrays["a.weight"] == 9).all() and got.saved.meta["steps_applied"] == 3
+    got = checkpoint.restore(tmp_path, records, 2, _loader(initial), _opener(d))
+    assert got.saved is None
+    got = got.store
     buffers = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
 
     replay(buffers, records[:2], d)

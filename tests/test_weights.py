@@ -88,3 +88,25 @@ def test_fp16_weights_train_through_fp32_masters(tiny_model_fp16):
     for n, m in zip(names, masters):
         assert np.abs(m - before[n]).max() > 1e-5  # moved, in fp32
         np.testing.assert_array_equal(store.arrays[n], m.astype(np.float16))
+
+
+def test_the_torch_layout_is_in_place_and_saves_in_the_folders_layout(tiny_model, tmp_path):
+    store, _ = open_folder(tiny_model)
+    file_layout = {n: a.copy() for n, a in store.arrays.items()}
+    address = store.buffer.ctypes.data
+    store.to_torch_layout()
+    transposed = [p.name for p in store.manifest.parameters if p.transposed]
+    assert transposed and store.buffer.ctypes.data == address
+    for p in store.manifest.parameters:
+        a = store.arrays[p.name]
+        want = file_layout[p.name].T if p.transposed else file_layout[p.name]
+        np.testing.assert_array_equal(a, want)
+        assert a.flags.c_contiguous and store.buffer.ctypes.data <= a.ctypes.data < address + store.buffer.nbytes
+    name = transposed[0]
+    store.arrays[name][0, 1] = 7.0  # PyTorch's [out, in]: row 0, column 1
+    sha = store.save(tmp_path / "w.bin")
+    saved, _ = open_folder(tiny_model, tmp_path / "w.bin", sha)
+    assert saved.arrays[name][1, 0] == 7.0  # the folder's [in, out]
+    for n, a in saved.arrays.items():
+        if n != name:
+            np.testing.assert_array_equal(a, file_layout[n])

@@ -1,8 +1,9 @@
 """The trainable model folder's manifest: what each byte of the flat weight file is.
 
 A folder holds `model.onnx` (a weight-free graph whose weights are named inputs),
-`weights.bin` (every parameter, 64-byte aligned, in manifest order), the tokenizer, and
-`manifest.json`, which this module reads, checks and writes.
+`weights.bin` (every parameter, 64-byte aligned, in manifest order), the tokenizer, the
+model's Hugging Face config (`hf_config.json`, for engines that rebuild the PyTorch module)
+and `manifest.json`, which this module reads, checks and writes.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..files import write_json
 
 FORMAT = "ortzo-trainable/1"
 MANIFEST = "manifest.json"
+HF_CONFIG = "hf_config.json"
 ALIGN = 64
 DTYPES = {"float32": 4, "float16": 2}
 
@@ -119,3 +121,15 @@ class Manifest:
 
 def aligned(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def hf_config(folder: str | Path) -> dict[str, Any]:
+    """The model's Hugging Face config as a dict: `transformers.AutoConfig.for_model(**d)`
+    rebuilds it. A dict, so that the runtime never imports transformers."""
+    path = Path(folder) / HF_CONFIG
+    if not path.is_file():
+        raise OrtzoError(f"model folder {folder} has no {HF_CONFIG}: export it again with this version of ortzo")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise OrtzoError(f"corrupt {path}: {e}") from None

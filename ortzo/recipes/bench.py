@@ -7,7 +7,6 @@ compares the two under the same conditions."""
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from ..model.weights import WeightStore
 from ..optim.directions import Directions
 from ..optim.mezo import mezo_step
 from ..tasks.objective import loss
+from .measure import in_child, peak_rss_mib
 
 
 def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target: str, kinds: list[str]) -> None:
@@ -39,6 +39,22 @@ def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target:
               f"{r['peak_rss_mib'] / infer['peak_rss_mib']:>12.2f}")
 
 
+def bench_engines(model: Path, batch_size: int, seq_len: int, repeats: int, engines: list[str]) -> None:
+    """Step time of each engine, timed interleaved in one process, and the peak RSS of each
+    alone in its own; checked against the targets ortzo exists for (issue 6): an ORT MeZO
+    step at most 0.35 x a PyTorch MeZO step, in at most 0.30 x the memory of backprop with AdamW."""
+    times = in_child("interleaved", model, batch_size, seq_len, repeats, *engines)
+    rss = {e: in_child("steps", model, e, batch_size, seq_len, 2, "{}")["peak_rss_mib"] for e in engines}
+    print(f"{model.name}: batch {batch_size} x seq {seq_len}, engines interleaved, median of {repeats} steps")
+    print(f"{'engine':<12} {'step s':>7} {'peak RSS MiB':>12}")
+    for e in engines:
+        print(f"{e:<12} {times[e]:>7.3f} {rss[e]:>12.0f}")
+    for ours, theirs, what, target in (("step", "torch-mezo", "step time", 0.35), ("rss", "torch-bp", "peak RSS", 0.30)):
+        if "ort" in engines and theirs in engines:
+            a, b = (times["ort"], times[theirs]) if ours == "step" else (rss["ort"], rss[theirs])
+            print(f"ort / {theirs} {what}: {a / b:.2f} (target <= {target}: {'met' if a / b <= target else 'MISSED'})")
+
+
 def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> None:
     """Peak RSS of the conversion pass on a random Llama of several GB (untied, fp32).
 
@@ -50,9 +66,10 @@ def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab:
     if not (onnx_dir / "model.onnx").is_file():
         from optimum.exporters.onnx import main_export  # noqa: F401  (fail early without the extra)
 
-        subprocess.run([sys.executable, "-c", "import sys; from optimum.exporters.onnx import main_export; "
-                        "main_export(sys.argv[1], output=sys.argv[2], task='text-generation', opset=17)",
-                        str(hf), str(onnx_dir)], check=True)
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                        "from ortzo.model.export.trace import optimum_export; "
+                        "optimum_export(Path(sys.argv[1]), Path(sys.argv[2]), 17)", str(hf), str(onnx_dir)],
+                       check=True)
     r = _child(["convert", str(onnx_dir / "model.onnx"), str(hf), str(out)])
     graph_mib = (out / "model.onnx").stat().st_size / 2**20
     print(f"random Llama: {r['weights_bytes'] / 2**30:.2f} GiB of fp32 weights, weight-free graph {graph_mib:.1f} MiB")
@@ -175,5 +192,5 @@ if __name__ == "__main__":
         result = _random_llama(Path(a[0]), *map(int, a[1:]))
     else:
         result = _convert(Path(a[0]), Path(a[1]), Path(a[2]))
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))

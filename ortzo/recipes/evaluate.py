@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RECORDED, EvalOptions, RunConfig
+from ..engines.base import record_type
 from ..errors import OrtzoError
 from ..model.manifest import MANIFEST
 from ..optim import steplog
@@ -30,7 +31,7 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
             raise OrtzoError("--step needs a run folder")
         cfg = RunConfig.build({"model": str(path)} | chosen)
         setup = prepare(cfg, load_task(cfg.task), say=stderr)
-        store, steps = setup.load_store(), 0
+        engine, steps = setup.engine(setup.load_store()), 0
     elif run.holds_run():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)
@@ -38,10 +39,10 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
         task = load_task(opts.task) if opts.task else Task.from_json(recorded["task"])
         setup = prepare(cfg, task, say=stderr)
         setup.check_model(recorded, run.path)
-        log = steplog.read(run.steps)  # a torn tail (a live run mid-write) is left alone
+        log = steplog.read(run.steps, record_type(cfg.engine))  # a torn tail (a live run mid-write) is left alone
         steps = len(log) if opts.step is None else opts.step
-        store = checkpoint.restore(run.path, log.records, steps, setup.load_store, setup.buffers, setup.directions)
+        engine = checkpoint.restore(run.path, log.records, steps, setup.load_store, setup.engine)
     else:
         raise OrtzoError(f"{path} is neither a trainable model folder nor a finetune run folder")
-    r = evaluate(setup.session(store), setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="eval")
+    r = evaluate(engine.score, setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="eval")
     return {"task": setup.task.name, "steps": steps, "examples": len(setup.splits.eval)} | r

@@ -1,11 +1,13 @@
-"""The fine-tuning recipe: MeZO through an ONNX Runtime inference session, start to finish.
+"""The fine-tuning recipe, start to finish, for every engine: MeZO through an ONNX Runtime
+inference session (the product), or a PyTorch baseline (backprop, reference MeZO) on the same
+weights, batches, evaluation, run folder and metrics, so their curves compare line by line.
 
 Read top to bottom. `start` checks every input (model checksum and parameter patterns
 included) before it writes anything, then takes the run folder's lock and writes the config.
 `resume` takes the lock, reads the run back (config, step log, metrics) and restores the
-weights. Both then `train`: evaluate whatever an interruption left unevaluated, loop
-`mezo_step` over batches, log every step, evaluate and checkpoint on a schedule, and finish
-with a table, the metrics and a plot.
+engine at the right step. Both then `train`: evaluate whatever an interruption left
+unevaluated, loop the engine's steps, log every step, evaluate and checkpoint on a schedule,
+and finish with a table, the metrics and a plot.
 
 Times are accounted as an uninterrupted run would have them: each step's seconds are in the
 step log, each evaluation's in its metrics row, so `train_seconds` (steps only) and
@@ -22,17 +24,15 @@ from tqdm import tqdm
 
 from .. import jsonl
 from ..config import RECORDED, RunConfig, flag
+from ..engines.base import Engine, record_type
 from ..errors import OrtzoError
-from ..model.session import ScoringSession
-from ..model.weights import WeightStore
 from ..optim import steplog
-from ..optim.mezo import decay_mask, lr_at, mezo_step, replay, step_seed
 from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..run.plots import plot_curves
-from ..tasks.data import batch_indices
-from ..tasks.objective import evaluate, loss
+from ..tasks.objective import evaluate
 from ..tasks.task import Task, load_task
+from .measure import peak_rss_mib
 from .setup import Setup, prepare, version_notes
 
 
@@ -40,15 +40,14 @@ def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """A new run of `cfg` in the run folder `out`."""
     cfg = cfg.resolved()
     setup = prepare(cfg, load_task(cfg.task))
-    store = setup.load_store()  # the checksum, before anything is written
-    setup.buffers(store)  # the include/exclude patterns, likewise
     _check_batch(setup)
+    engine = setup.engine(setup.load_store())  # checksum, patterns, the engine's own needs: before any write
     run = RunFolder(out)
     with run.locked(create=True):
         run.check_new()
         run.clean_stale()
         run.write_config(cfg.model_dump() | {RECORDED: setup.recorded()})
-        return train(run, setup, store, steplog.Log(), [], at=0)
+        return train(run, setup, engine, steplog.Log(), [], at=0)
 
 
 def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +68,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
         setup.check_model(recorded, run.path)
         for note in version_notes(recorded):
             print(note)
-        log = steplog.read(run.steps)
+        log = steplog.read(run.steps, record_type(cfg.engine))
         history, torn = jsonl.read(run.metrics)
         if cfg.steps < len(log):
             raise OrtzoError(f"{run.path} has already logged {len(log)} steps; --steps must be at least that")
@@ -85,50 +84,48 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
             resumes = recorded.get("resumes", []) + [{"at_step": len(log), "changed": changed}]
             run.write_config(cfg.model_dump() | {RECORDED: recorded | {"resumes": resumes}})
         at = min(_due(cfg, history, len(log)), default=len(log))
-        store = checkpoint.restore(run.path, log.records, at, setup.load_store, setup.buffers, setup.directions)
-        return train(run, setup, store, log, history, at)
+        engine = checkpoint.restore(run.path, log.records, at, setup.load_store, setup.engine)
+        return train(run, setup, engine, log, history, at)
 
 
-def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, history: list[dict],
+def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, history: list[dict],
           at: int) -> dict[str, Any]:
     """Run the steps after those in `log`, from weights that are at step `at` of it."""
-    cfg, splits, encoder = setup.cfg, setup.splits, setup.encoder
-    buffers = setup.buffers(store)
-    decay = decay_mask(buffers)
-    session = setup.session(store)
-    print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(b.size for b in buffers):,} of "
-          f"{sum(p.size for p in setup.manifest.parameters):,} parameters trained; "
+    cfg, splits, store = setup.cfg, setup.splits, engine.store
+    trained = setup.trained(store)
+    print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(store.arrays[n].size for n in trained):,} "
+          f"of {sum(p.size for p in setup.manifest.parameters):,} parameters trained by {cfg.engine}; "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
-    train_ids = [encoder.encode(e) for e in splits.train]
-    train_labels = np.array([e[setup.task.label_field] for e in splits.train], np.int64)
+
+    def save(step: int) -> None:
+        checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
 
     with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out, \
-            tqdm(total=cfg.steps, initial=len(log), desc="mezo", unit="step", dynamic_ncols=True) as bar:
+            tqdm(total=cfg.steps, initial=len(log), desc=cfg.engine, unit="step", dynamic_ncols=True) as bar:
         def measure(step: int) -> None:
             t = time.perf_counter()
-            scores = _evaluate(setup, session, step)
+            scores = _evaluate(setup, engine, step)
             row = _row(step, log, history, scores, time.perf_counter() - t)
             history.append(row)
             metrics_out.append(row)
 
         for point in _due(cfg, history, len(log)):  # rows an interruption lost, at their own weights
-            replay(buffers, log.records[at:point], setup.directions, decay)
+            engine.replay(log.records[at:point])
             at = point
             measure(point)
-        replay(buffers, log.records[at:], setup.directions, decay)
-        if len(log) and _is_checkpoint(cfg, len(log)) and len(log) not in checkpoint.saved(run.path):
-            checkpoint.save(run.path, store, len(log), cfg.keep_checkpoints)
+        engine.replay(log.records[at:])
+        if _ended(cfg, log) and history and history[-1]["step"] < len(log):  # the time budget's last row
+            measure(len(log))
+        if len(log) and (_is_checkpoint(cfg, len(log)) or _ended(cfg, log)) and \
+                len(log) not in checkpoint.saved(run.path):
+            save(len(log))
 
         for step in range(len(log), cfg.steps):
+            if _ended(cfg, log):
+                break
             t0 = time.perf_counter()
-            idx = batch_indices(len(train_ids), cfg.batch_size, step, cfg.seed)
-            batch = encoder.batch([train_ids[i] for i in idx], train_labels[idx])
             try:
-                record = mezo_step(buffers, lambda: loss(session(batch.feeds), batch.labels), step=step,
-                                   seed=step_seed(cfg.seed, step), eps=cfg.eps,
-                                   lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule),
-                                   directions=setup.directions, n_directions=cfg.n_directions, clip=cfg.clip,
-                                   weight_decay=cfg.weight_decay, decay=decay)
+                record = engine.step(step)
             except FloatingPointError as e:
                 raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
                                  f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
@@ -136,31 +133,31 @@ def train(run: RunFolder, setup: Setup, store: WeightStore, log: steplog.Log, hi
             steps_out.append_step(record, seconds)
             log.records.append(record)
             log.seconds.append(seconds)
-            done = step + 1
-            if _is_eval(cfg, done):
+            done, last = step + 1, _ended(cfg, log)
+            if _is_eval(cfg, done) or last:
                 measure(done)
-            if _is_checkpoint(cfg, done):
-                checkpoint.save(run.path, store, done, cfg.keep_checkpoints)
+            if _is_checkpoint(cfg, done) or last:
+                save(done)
             bar.update()
             bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{history[-1]['eval_accuracy']:.3f}",
                             s_per_step=f"{sum(log.seconds) / done:.2f}", refresh=False)
 
-    plot_curves(history, run.curve, title=f"MeZO on {setup.task.name}: {setup.model_dir.name}")
+    plot_curves(history, run.curve, title=f"{cfg.engine} on {setup.task.name}: {setup.model_dir.name}")
     _print_table(history)
     first, last = history[0], history[-1]
     print(f"{setup.task.name}: zero-shot accuracy {first['eval_accuracy']:.4f} -> {last['eval_accuracy']:.4f} "
-          f"after {last['step']} MeZO steps ({last['train_seconds'] / 60:.1f} min of steps, "
+          f"after {last['step']} {cfg.engine} steps ({last['train_seconds'] / 60:.1f} min of steps, "
           f"{last['wall_seconds'] / 60:.1f} min with evaluations); metrics {run.metrics}, plot {run.curve}")
     return {"zero_shot_accuracy": first["eval_accuracy"], "final_accuracy": last["eval_accuracy"],
             "steps": last["step"], "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"]}
 
 
-def _evaluate(setup: Setup, session: ScoringSession, step: int) -> dict[str, float]:
+def _evaluate(setup: Setup, engine: Engine, step: int) -> dict[str, float]:
     """Accuracy and loss on the evaluation (and dev) examples, as metrics fields."""
     scores = {}
     for name, examples in (("eval", setup.splits.eval), ("dev", setup.splits.dev)):
         if examples:
-            r = evaluate(session, setup.encoder, examples, setup.cfg.eval_batch_size, desc=f"{name} at step {step}")
+            r = evaluate(engine.score, setup.encoder, examples, setup.cfg.eval_batch_size, desc=f"{name} at step {step}")
             scores |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
     return scores
 
@@ -169,19 +166,27 @@ def _row(step: int, log: steplog.Log, history: list[dict], scores: dict[str, flo
          eval_seconds: float) -> dict[str, Any]:
     """The metrics row of `step`, accounted from the step log and the earlier rows, as an
     uninterrupted run would have it: train loss since the last row, seconds of the steps so far,
-    and those plus every evaluation's seconds."""
+    and those plus every evaluation's seconds. `peak_rss_mib` is this process's peak so far
+    (after a resume: since the resume)."""
     since = history[-1]["step"] if history else 0
     losses = [r.loss for r in log.records[since:step]]
     train_seconds = sum(log.seconds[:step])
     wall_seconds = train_seconds + sum(h["eval_seconds"] for h in history) + eval_seconds
     return {"step": step, "train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3),
-            "eval_seconds": round(eval_seconds, 3), "train_loss": float(np.mean(losses)) if losses else None} | scores
+            "eval_seconds": round(eval_seconds, 3), "train_loss": float(np.mean(losses)) if losses else None,
+            "peak_rss_mib": round(peak_rss_mib(), 1)} | scores
+
 
 
 def _check_batch(setup: Setup) -> None:
     if setup.cfg.batch_size > len(setup.splits.train):
         raise OrtzoError(f"--batch-size {setup.cfg.batch_size} is more than the {len(setup.splits.train)} "
                          "training examples")
+
+
+def _ended(cfg: RunConfig, log: steplog.Log) -> bool:
+    """The run has done its steps, or its steps have used up the time budget."""
+    return len(log) >= cfg.steps or (cfg.time_budget is not None and sum(log.seconds) >= cfg.time_budget)
 
 
 def _is_eval(cfg: RunConfig, step: int) -> bool:

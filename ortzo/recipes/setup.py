@@ -6,25 +6,25 @@ import importlib.metadata
 import platform
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..config import RunConfig
+from ..engines.base import Engine, Saved
 from ..errors import OrtzoError
 from ..files import sha256_file
 from ..model.manifest import Manifest
-from ..model.session import ScoringSession
 from ..model.targets import Target, load_target
 from ..model.tokenizer import Tokenizer
 from ..model.weights import WeightStore
-from ..optim.directions import Directions
-from ..tasks.batches import Encoder
-from ..tasks.data import Splits, make_splits
+from ..tasks.batches import Batch, Encoder
+from ..tasks.data import Splits, batch_indices, make_splits
 from ..tasks.task import Task
 
 VERSIONED = ("ortzo", "numpy", "onnxruntime", "tokenizers")
+TORCH_VERSIONED = ("torch", "transformers")  # what a PyTorch engine's run also depends on
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class Setup:
     target: Target
     splits: Splits
     encoder: Encoder
-    directions: Directions
 
     @property
     def model_dir(self) -> Path:
@@ -45,18 +44,44 @@ class Setup:
         """The model's weights (or a checkpoint's), checksum-checked."""
         return WeightStore.load(self.model_dir, self.manifest, weights, sha256)
 
-    def buffers(self, store: WeightStore) -> list[np.ndarray]:
-        """The float32 buffers the run trains, in the run's order."""
-        return store.trainable(store.select(self.cfg.include, self.cfg.exclude))
+    def trained(self, store: WeightStore) -> list[str]:
+        """The names of the parameters the run trains (the include/exclude patterns checked)."""
+        return store.select(self.cfg.include, self.cfg.exclude)
 
-    def session(self, store: WeightStore) -> ScoringSession:
-        return ScoringSession(self.model_dir, store, self.target)
+    def engine(self, store: WeightStore, saved: Saved | None = None) -> Engine:
+        """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
+        names, engine = self.trained(store), self.cfg.engine
+        if engine == "ort":
+            from ..engines.ort import OrtMezo
+
+            return OrtMezo(self.cfg, self.model_dir, store, names, self.target, self.train_batch)
+        try:
+            if engine == "torch-bp":
+                from ..engines.torch_bp import TorchBackprop
+
+                return TorchBackprop(self.cfg, self.model_dir, store, names, self.train_batch, saved)
+            from ..engines.torch_mezo import TorchMezo
+
+            return TorchMezo(self.cfg, self.model_dir, store, names, self.train_batch)
+        except ModuleNotFoundError as e:
+            raise OrtzoError(f"--engine {engine} needs PyTorch and transformers: pip install 'ortzo[export]' "
+                             f"({e})") from None
+
+    @cached_property
+    def train_ids(self) -> list[list[int]]:
+        return [self.encoder.encode(e) for e in self.splits.train]
+
+    def train_batch(self, step: int) -> Batch:
+        """The training batch of step `step`: a pure function of the step and the seed."""
+        idx = batch_indices(len(self.splits.train), self.cfg.batch_size, step, self.cfg.seed)
+        return self.encoder.batch([self.train_ids[i] for i in idx],
+                                  [self.splits.train[i][self.task.label_field] for i in idx])
 
     def recorded(self) -> dict[str, Any]:
         """What the run is checked against when it resumes or is evaluated."""
         return {"model_weights_sha256": self.manifest.weights_sha256,
                 "model_graph_sha256": sha256_file(self.model_dir / self.manifest.graph),
-                "task": self.task.to_json(), "versions": versions()}
+                "task": self.task.to_json(), "versions": versions(self.cfg.engine)}
 
     def check_model(self, recorded: dict[str, Any], run: Path) -> None:
         """The model folder must hold the weights and graph the run started from."""
@@ -80,12 +105,12 @@ def prepare(cfg: RunConfig, task: Task, say=print) -> Setup:
     if splits.note:
         say(f"note: {splits.note}")
     encoder = Encoder(task, Tokenizer(model_dir, manifest.tokenizer), cfg.max_length)
-    return Setup(cfg, task, manifest, target, splits, encoder, Directions(cfg.directions, target.direction_threads or None))
+    return Setup(cfg, task, manifest, target, splits, encoder)
 
 
-def versions() -> dict[str, str]:
+def versions(engine: str = "ort") -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in VERSIONED:
+    for package in VERSIONED + (TORCH_VERSIONED if engine != "ort" else ()):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -95,9 +120,10 @@ def versions() -> dict[str, str]:
 
 def version_notes(recorded: dict[str, Any]) -> list[str]:
     """Differences that could make a replay inexact (a changed random generator, say)."""
-    then, now = recorded.get("versions", {}), versions()
+    then, now = recorded.get("versions", {}), versions("torch" if "torch" in recorded.get("versions", {}) else "ort")
     return [f"note: the run started with {k} {then[k]}, this is {k} {now[k]}; its replay is exact only if the "
-            "direction generator is unchanged" for k in VERSIONED if k in then and then[k] != now[k]]
+            "direction generator and kernels are unchanged" for k in then if k in now and k != "python"
+            and then[k] != now[k]]
 
 
 def stderr(line: str) -> None:

@@ -1,8 +1,10 @@
 """Checkpoints: the weights after N steps, in `checkpoints/step-N/`, written whole or not at all.
 
-A checkpoint is built in a hidden temporary folder and renamed into place. Resuming loads
-the newest checkpoint at or before the wanted step and replays the step log's records after
-it, so the weights are those of that step, bit for bit.
+A checkpoint is built in a hidden temporary folder and renamed into place. It holds the
+weight store and whatever the engine keeps besides (a backprop optimizer's state). Resuming
+loads the newest checkpoint at or before the wanted step, opens the engine over it and has it
+replay the step log's records after it, so the weights are those of that step (for MeZO bit
+for bit).
 """
 from __future__ import annotations
 
@@ -12,14 +14,12 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
+from ..engines.base import Record, Saved
 from ..errors import OrtzoError
 from ..files import TMP_SUFFIX, fsync_dir, write_json
 from ..model.weights import WeightStore
-from ..optim.directions import Directions
-from ..optim.mezo import StepRecord, decay_mask, replay
 
 DIR = "checkpoints"
 META = "checkpoint.json"
@@ -30,12 +30,21 @@ _NAME = re.compile(r"^step-(\d+)$")
 StoreLoader = Callable[[Path | None, str | None], WeightStore]  # (weight file, sha256) -> store; None: the model's
 
 
+class Replayer(Protocol):
+    def replay(self, records: Sequence[Record]) -> None: ...
+
+
+E = TypeVar("E", bound=Replayer)
+
+
 def name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2) -> Path:
-    """Write checkpoint `step` (steps 0..step-1 applied); keep the newest `keep`."""
+def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2,
+         extra: Callable[[Path], dict[str, Any]] | None = None) -> Path:
+    """Write checkpoint `step` (steps 0..step-1 applied); keep the newest `keep`. `extra(folder)`
+    writes more files into the checkpoint and returns their metadata."""
     root = run_dir / DIR
     root.mkdir(exist_ok=True)
     tmp = root / f".{name(step)}{TMP_SUFFIX}"
@@ -46,6 +55,8 @@ def save(run_dir: Path, store: WeightStore, step: int, keep: int = 2) -> Path:
     if store.masters:
         meta["masters"] = list(store.masters)
         meta["masters_sha256"] = store.save_masters(tmp / MASTERS)
+    if extra is not None:
+        meta |= extra(tmp)
     write_json(tmp / META, meta)
     final = root / name(step)
     if final.exists():
@@ -72,7 +83,7 @@ def saved(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def load(run_dir: Path, step: int, load_store: StoreLoader) -> WeightStore:
+def load(run_dir: Path, step: int, load_store: StoreLoader) -> tuple[WeightStore, Saved]:
     folder = run_dir / DIR / name(step)
     try:
         meta = json.loads((folder / META).read_text())
@@ -83,19 +94,17 @@ def load(run_dir: Path, step: int, load_store: StoreLoader) -> WeightStore:
             store.load_masters(folder / MASTERS, meta["masters"], meta["masters_sha256"])
     except (ValueError, KeyError, TypeError) as e:
         raise OrtzoError(f"corrupt checkpoint {folder}: {e}") from None
-    return store
+    return store, Saved(folder, meta)
 
 
-def restore(run_dir: Path, records: Sequence[StepRecord], at: int, load_store: StoreLoader,
-            buffers_of: Callable[[WeightStore], list[np.ndarray]], directions: Directions) -> WeightStore:
-    """The weights after the first `at` logged steps: the newest checkpoint at or before `at`
-    (or the model's own weights) plus the replayed records after it.
-
-    `buffers_of(store)` lists the trained buffers in the order the run used."""
+def restore(run_dir: Path, records: Sequence[Record], at: int, load_store: StoreLoader,
+            open_engine: Callable[[WeightStore, Saved | None], E]) -> E:
+    """An engine at the weights after the first `at` logged steps: opened over the newest
+    checkpoint at or before `at` (or the model's own weights), then replaying the records after it."""
     if at > len(records):
         raise OrtzoError(f"{run_dir}: cannot restore step {at}: the step log has {len(records)} steps")
     start = max((s for s in saved(run_dir) if s <= at), default=0)
-    store = load(run_dir, start, load_store) if start else load_store(None, None)
-    buffers = buffers_of(store)
-    replay(buffers, records[start:at], directions, decay_mask(buffers))
-    return store
+    store, state = load(run_dir, start, load_store) if start else (load_store(None, None), None)
+    engine = open_engine(store, state)
+    engine.replay(records[start:at])
+    return engine

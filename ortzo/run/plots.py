@@ -20,13 +20,50 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
             acc = [h[f"{key}_accuracy"] for h in history]
             a.plot(steps, acc, marker="o", label=key)
             b.plot(minutes, acc, marker="o", label=key)
-    a.set_xlabel("MeZO steps")
+    a.set_xlabel("steps")
     a.set_ylabel("accuracy")
     b.set_xlabel("wall-clock minutes (training and evaluations)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_compare(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy vs minutes of steps, one colour per arm: the mean over its seeds (each seed's
+    accuracy held from one evaluation to the next) and the band from the lowest to the
+    highest seed. An arm with a run whose peak RSS exceeded the budget is drawn dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        seeds = {s: [r for r in mine if r["seed"] == s] for s in dict.fromkeys(r["seed"] for r in mine)}
+        end = min(run[-1]["train_seconds"] for run in seeds.values()) / 60
+        grid = np.linspace(0, end, 200)
+        curves = []
+        for run in seeds.values():
+            t = np.array([r["train_seconds"] for r in run]) / 60
+            acc = np.array([r["eval_accuracy"] for r in run])
+            curves.append(acc[np.searchsorted(t, grid, side="right") - 1])
+        curves = np.array(curves)
+        over = any(r["over_budget"] for r in mine)
+        label = f"{arm}: {mine[0]['model']} ({mine[0]['engine']}, {len(seeds)} seeds)" + (" OVER BUDGET" if over else "")
+        line, = ax.plot(grid, curves.mean(0), linestyle="--" if over else "-", label=label)
+        ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("minutes of training steps (evaluations excluded)")
+    ax.set_ylabel("eval accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

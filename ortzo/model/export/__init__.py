@@ -3,7 +3,8 @@
 Stages: resolve the source (sources), load it as safetensors (GGUF dequantized to fp32),
 trace the graph with Optimum (trace), write the tokenizer (tokenizer), then the ortzo pass
 (convert): PyTorch names, tied weights one buffer, weights to named inputs and one flat
-file, the scoring head (head). The folder is built beside `out` and renamed into place.
+file, the scoring head (head), the Hugging Face config. The folder is built beside `out` and
+renamed into place.
 
 Needs the `export` extra (torch, optimum-onnx, transformers); the runtime never imports this.
 """

@@ -5,39 +5,29 @@ one buffer, the weights moved out of the graph into named inputs and one aligned
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ...errors import OrtzoError
-from ...files import atomic_open
-from ..manifest import Manifest, Parameter, aligned
+from ...files import atomic_open, write_json
+from ..manifest import HF_CONFIG, Manifest, Parameter, aligned
 from .head import INPUTS as HEAD_INPUTS
 from .head import OUTPUT, add_scoring_head
+from .names import TorchParameters, torch_parameters
 from .trace import GRAPH
 
 WEIGHTS = "weights.bin"
 DATA_INPUTS = ("input_ids", "attention_mask", "position_ids", *HEAD_INPUTS)
-
-
-def _pytorch_params(hf_dir: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(f), "np") as st:
-            for k in st.keys():
-                shapes[k] = tuple(st.get_slice(k).get_shape())
-    if not shapes:
-        raise OrtzoError(f"{hf_dir} has no .safetensors weights")
-    return shapes
+BLOCK_BYTES = 1 << 24
 
 
 def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
             source: dict[str, Any], dtype: str = "float32") -> Manifest:
-    """The ortzo pass over an Optimum export. Writes model.onnx, weights.bin, manifest.json.
+    """The ortzo pass over an unfolded Optimum export (trace.optimum_export). Writes model.onnx,
+    weights.bin, manifest.json and the model's Hugging Face config (HF_CONFIG).
 
     dtype "float16" stores the weights in fp16 (half the file); the graph casts each to fp32
     where it is used, so compute stays fp32 on every provider (on CPU the casts cost more
@@ -49,58 +39,38 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
-    shapes = _pytorch_params(hf_dir)
-    config = AutoConfig.from_pretrained(hf_dir)  # defaults included: tie_word_embeddings is often implicit
-    tied = {"lm_head.weight": _embedding_name(g)} if config.tie_word_embeddings else {}
-
-    consumers: dict[str, list[Any]] = {}
-    for node in g.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-
-    names = {}  # initializer name -> (pytorch name, transposed)
-    for init in g.initializer:
-        name = _pytorch_name(init, consumers, shapes, tied)
-        if name is not None:
-            names[init.name] = name
+    config = AutoConfig.from_pretrained(hf_dir)
+    torch_params = torch_parameters(config)
+    names = _parameter_initializers(g, torch_params)
+    transposed = _fold_transposes(g, names)
 
     params: list[Parameter] = []
-    rename: dict[str, str] = {}
     keep = []
     offset = 0
     h = hashlib.sha256()
     base = str(onnx_path.parent)
-    originals: dict[str, Any] = {}
     with atomic_open(out / WEIGHTS, "wb") as f:
         for init in g.initializer:
             if init.name not in names:
                 keep.append(init)
                 continue
-            pt_name, transposed = names[init.name]
-            if pt_name in tied:  # a second copy of a tied weight: point it at the first
-                rename[init.name] = _retie(g, init, originals.get(tied[pt_name]), base)
-                continue
-            arr = numpy_helper.to_array(init, base).astype(dtype, copy=False)
+            arr = numpy_helper.to_array(init, base)
+            flip = init.name in transposed
             start = aligned(offset)
             pad = b"\0" * (start - offset)
             f.write(pad)
             h.update(pad)
-            data = memoryview(np.ascontiguousarray(arr)).cast("B")
-            f.write(data)
-            h.update(data)
-            offset = start + arr.nbytes
-            params.append(Parameter(pt_name, tuple(arr.shape), dtype, start, transposed))
-            rename[init.name] = pt_name
-            originals[pt_name] = init
-            del arr, data
+            offset = start + _write(f, h, arr.T if flip else arr, dtype)
+            params.append(Parameter(names[init.name], arr.shape[::-1] if flip else arr.shape, dtype, start, flip))
+            del arr
     del g.initializer[:]
     g.initializer.extend(keep)
     # What remains external is small (graph constants, Constant nodes): pull it into the graph.
     load_external_data_for_model(model, base)
     for node in g.node:
         for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+            if name in names:
+                node.input[i] = names[name]
     for p in params:
         g.input.append(helper.make_tensor_value_info(p.name, onnx.TensorProto.FLOAT, list(p.shape)))
     add_scoring_head(g)
@@ -110,52 +80,78 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     onnx.checker.check_model(model)
     with atomic_open(out / GRAPH, "wb") as fo:
         fo.write(model.SerializeToString())
+    hf_config = json.loads(config.to_json_string(use_diff=False))  # every default explicit: tie_word_embeddings
+    hf_config.pop("_name_or_path", None)  # the temporary folder it was read from
+    write_json(out / HF_CONFIG, hf_config)
     inputs = tuple(i.name for i in g.input if i.name in DATA_INPUTS)
     manifest = Manifest(graph=GRAPH, weights=WEIGHTS, weights_sha256=h.hexdigest(), weights_bytes=offset,
                         parameters=tuple(params), inputs=inputs, outputs=(OUTPUT,), tokenizer=tokenizer,
-                        tied=tied, source=source | {"architecture": (config.architectures or ["?"])[0]})
+                        tied=torch_params.tied, source=source | {"architecture": (config.architectures or ["?"])[0]})
     manifest.save(out)
     return manifest
 
 
-def _embedding_name(g) -> str:
+def _parameter_initializers(g, torch_params: TorchParameters) -> dict[str, str]:
+    """Initializer name -> PyTorch name, for every parameter of the model.
+
+    The unfolded export keeps each parameter one initializer named after it (a tied one under
+    either of its names), so names are looked up, never inferred from node scopes, which some
+    families skip (OPT's scopes lack `model.`)."""
+    names = {}
+    for init in g.initializer:
+        name = torch_params.canonical(init.name)
+        if name is None:
+            continue
+        if tuple(init.dims) != torch_params.shapes[name]:
+            raise OrtzoError(f"{init.name} has shape {tuple(init.dims)} in the graph but "
+                             f"{torch_params.shapes[name]} in PyTorch")
+        names[init.name] = name
+    missing = sorted(set(torch_params.shapes) - set(names.values()))
+    if missing:
+        raise OrtzoError(f"the graph holds no initializer for {len(missing)} PyTorch parameters (e.g. {missing[0]}): "
+                         "exported with constant folding (use trace.optimum_export), or unused by text generation")
+    return names
+
+
+def _fold_transposes(g, names: dict[str, str]) -> set[str]:
+    """Parameters used only through 2-D Transposes (Linear weights: MatMul(x, Transpose(W))): their
+    consumers now read them directly, and they are to be stored transposed ([in, out]).
+
+    Weights are graph inputs, which ORT cannot constant-fold: left in place, each Transpose would
+    run at every step. A parameter with other uses (a tied embedding, also Gathered) keeps its
+    layout; the scoring head reads its Transpose as a Gemm with transB."""
+    matrices = {i.name for i in g.initializer if i.name in names and len(i.dims) == 2}
+    uses: dict[str, list[Any]] = {}
     for node in g.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
-            return node.input[0]
-    raise OrtzoError("cannot find the token embedding (a Gather on input_ids) in the exported graph")
+        for name in node.input:
+            if name in matrices:
+                uses.setdefault(name, []).append(node)
+    replaced: dict[str, str] = {}  # Transpose output -> the parameter it transposes
+    for name, nodes in uses.items():
+        if all(n.op_type == "Transpose" and _perm(n) in (None, [1, 0]) for n in nodes):
+            replaced.update((n.output[0], name) for n in nodes)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in replaced:
+                node.input[i] = replaced[name]
+    return set(replaced.values())
 
 
-_SCOPE = re.compile(r"^/(.+)/(MatMul|Gemm)(_\d+)?$")
+def _perm(node) -> list[int] | None:
+    """A Transpose's perm; None (reverse the axes) where it has none."""
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
-def _pytorch_name(init, consumers, shapes, tied) -> tuple[str, bool] | None:
-    """(PyTorch name, transposed) for a weight initializer; None for graph constants."""
-    dims = tuple(init.dims)
-    if init.name in shapes and shapes[init.name] == dims:
-        return init.name, False
-    for node in consumers.get(init.name, []):
-        m = _SCOPE.match(node.name)
-        if m and len(node.input) > 1 and node.input[1] == init.name:
-            name = m.group(1).replace("/", ".") + ".weight"
-            if shapes.get(name) == dims[::-1] or (name in tied and len(dims) == 2):
-                return name, True
-    return None
-
-
-def _retie(g, init, original, base: str) -> str:
-    """Replace a (transposed) copy of a tied weight by a Transpose of the original.
-
-    Optimum de-duplicates only modules it knows (Gemma 3's scaled embedding is not one)."""
-    from onnx import helper, numpy_helper
-
-    if original is None:
-        raise OrtzoError(f"tied weight {init.name} comes before the weight it is tied to")
-    if not np.array_equal(numpy_helper.to_array(original, base).T, numpy_helper.to_array(init, base)):
-        raise OrtzoError(f"{init.name} is meant to be tied to {original.name} but holds other values")
-    out = f"{original.name}_transposed"
-    g.node.insert(0, helper.make_node("Transpose", [original.name], [out], perm=[1, 0], name="ortzo/retie"))
-    return out
-
+def _write(f: IO[bytes], h: Any, arr: np.ndarray, dtype: str) -> int:
+    """Write `arr` as C-ordered `dtype` bytes, a block of rows at a time, so that a transposed
+    or cast copy of a large tensor (an untied lm_head) never exists whole. Returns the bytes."""
+    rows = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(1, -1)
+    step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+    for i in range(0, len(rows), step):
+        data = memoryview(np.ascontiguousarray(rows[i:i + step], dtype=dtype)).cast("B")
+        f.write(data)
+        h.update(data)
+    return rows.size * np.dtype(dtype).itemsize
 
 
 def _cast_weights(g, names: list[str]) -> None:

@@ -1,5 +1,10 @@
 """Optimum's export of the graph: text-generation, no KV cache, with `position_ids` always
-among the inputs (left-padded batches need explicit positions)."""
+among the inputs (left-padded batches need explicit positions), and no constant folding.
+
+Unfolded, every parameter stays one initializer under its PyTorch name, in PyTorch's layout,
+for every family. Folding would rename each Linear weight to a pre-transposed `onnx::MatMul_N`
+copy, store a tied embedding twice, and bake Gemma's `1 + weight` norms into new constants
+that are no parameter at all; the ortzo pass (convert) folds the transposes itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +19,7 @@ def optimum_export(hf_dir: Path, out: Path, opset: int) -> Path:
     from optimum.exporters.onnx import main_export
 
     main_export(str(hf_dir), output=str(out), task="text-generation", opset=opset, device="cpu",
-                custom_onnx_configs=_with_position_ids(hf_dir))
+                custom_onnx_configs=_with_position_ids(hf_dir), do_constant_folding=False)
     if not (out / GRAPH).is_file():
         raise OrtzoError(f"Optimum wrote no {GRAPH} for {hf_dir}")
     return out / GRAPH

@@ -1,0 +1,47 @@
+"""The product: MeZO through an ONNX Runtime inference session over the weight store.
+
+Each step perturbs the store's arrays in place (the session reads them zero-copy) and calls
+only the session's forward: two forwards a step, inference memory."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..model.session import ScoringSession
+from ..model.targets import Target
+from ..model.weights import WeightStore
+from ..optim.directions import Directions
+from ..optim.mezo import StepRecord, decay_mask, lr_at, mezo_step, replay, step_seed
+from ..tasks.objective import loss
+from .base import BatchAt
+
+
+class OrtMezo:
+    def __init__(self, cfg: RunConfig, model_dir: Path, store: WeightStore, names: list[str], target: Target,
+                 batch_at: BatchAt) -> None:
+        self.cfg, self.store, self.batch_at = cfg, store, batch_at
+        self.buffers = store.trainable(names)
+        self.decay = decay_mask(self.buffers)
+        self.directions = Directions(cfg.directions, target.direction_threads or None)
+        self.session = ScoringSession(model_dir, store, target)
+
+    def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session(feeds)
+
+    def step(self, step: int) -> StepRecord:
+        cfg, batch = self.cfg, self.batch_at(step)
+        return mezo_step(self.buffers, lambda: loss(self.session(batch.feeds), batch.labels), step=step,
+                         seed=step_seed(cfg.seed, step), eps=cfg.eps,
+                         lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule), directions=self.directions,
+                         n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
+                         decay=self.decay)
+
+    def replay(self, records: Sequence[StepRecord]) -> None:
+        replay(self.buffers, records, self.directions, self.decay)
+
+    def save_state(self, folder: Path) -> dict[str, Any]:
+        return {}

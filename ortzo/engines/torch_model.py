@@ -1,0 +1,97 @@
+"""A PyTorch module over the weight store: the trainable folder's model, rebuilt with
+transformers from its `hf_config.json`, each parameter a view of the store's array (the
+store rewritten in place in PyTorch's layout, contiguous, as a PyTorch model holds it).
+
+So the PyTorch engines start from the very weights the ORT engine does, change them in the
+same memory, and a checkpoint of either is one `WeightStore.save`. Nothing is initialised
+and then thrown away (the module is built under `no_init_weights`, its empty parameters never
+touched), so the process holds one copy of the weights, as ORT's does.
+
+Needs the `export` extra (torch, transformers)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import OrtzoError
+from ..model.manifest import Manifest, hf_config
+from ..model.weights import WeightStore
+
+
+def load_module(model_dir: Path, store: WeightStore) -> nn.Module:
+    """The causal LM of `model_dir` in fp32, dropout off, its parameters views of `store`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    manifest = store.manifest
+    if any(p.dtype != "float32" for p in manifest.parameters):
+        raise OrtzoError(f"{model_dir} stores float16 weights; the PyTorch engines need a float32 export")
+    config = AutoConfig.for_model(**hf_config(model_dir))
+    _no_dropout(config)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="sdpa")
+    _bind(model, manifest, store)
+    return model.eval()
+
+
+def checkpoint_layers(model: nn.Module, fraction: float) -> int:
+    """Activation checkpointing (non-reentrant) of the first round(fraction x L) decoder
+    layers: they keep only their input for backward and recompute the rest (the paper's
+    L'/L). Takes effect in training mode; returns how many layers it wrapped."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    n = round(fraction * len(layers))
+    for layer in layers[:n]:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return n
+
+
+def _no_dropout(config) -> None:
+    """Dropout off, as in the ORT graph (and MeZO's forwards): the engines compute the same
+    function and a backprop step can be recomputed exactly on resume."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+
+
+def _bind(model: nn.Module, manifest: Manifest, store: WeightStore) -> None:
+    """Replace every parameter by a view of the store's array (the store rewritten in PyTorch's
+    layout first); tie what the model ties; check that nothing was left out."""
+    store.to_torch_layout()
+    modules = dict(model.named_modules())
+    for p in manifest.parameters:
+        owner, _, attr = p.name.rpartition(".")
+        if owner not in modules or attr not in modules[owner]._parameters:
+            raise OrtzoError(f"{p.name} of the trainable folder is not a parameter of the PyTorch model")
+        modules[owner]._parameters[attr] = nn.Parameter(torch.from_numpy(store.arrays[p.name]), requires_grad=False)
+    model.tie_weights()
+    lo = store.buffer.ctypes.data
+    hi = lo + store.buffer.nbytes
+    outside = [n for n, t in model.named_parameters() if not lo <= t.data_ptr() < hi]
+    if outside:
+        raise OrtzoError(f"the trainable folder has no weights for {', '.join(outside)}")
+
+
+def scores(model: nn.Module, feeds: dict[str, np.ndarray]) -> torch.Tensor:
+    """The scoring head in PyTorch: log-softmax of the LM head at the `score_index` rows, at
+    the `score_ids` candidates. Only those rows' logits are computed, as in the ORT graph."""
+    base = model.base_model if model.base_model is not model else model.get_decoder()  # Gemma 3: the latter
+    hidden = base(input_ids=torch.from_numpy(feeds["input_ids"]),
+                  attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                  position_ids=torch.from_numpy(feeds["position_ids"]), use_cache=False).last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(feeds["score_index"])]
+    logits = model.get_output_embeddings()(rows)
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.from_numpy(feeds["score_ids"]))
+
+
+def candidate_loss(s: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """Cross-entropy over the candidates, mean over the batch (`tasks.objective.loss` in torch)."""
+    return -torch.log_softmax(s.double(), 1)[torch.arange(len(labels)), torch.from_numpy(labels)].mean()

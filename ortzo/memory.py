@@ -1,0 +1,550 @@
+"""The memory model behind `ortzo memory`: what fine-tuning a causal LM holds, term by term,
+for ort-mezo, torch-mezo and backprop (bp), and its inversion, the largest model of a family
+that fits a budget. Pure Python: the runtime never imports torch.
+
+Where the terms come from
+-------------------------
+The paper (Katti et al., "On-Device Fine-Tuning via Backprop-Free Zeroth-Order Optimization",
+arXiv 2511.11362) models BP as weights + gradients + optimizer states + the activations of the
+layers, a fraction L'/L of them checkpointed, and MeZO as inference. Its formulas' text was not
+available to us (only its abstract), so every term below is derived here, and derived for the
+code that runs: Hugging Face modules, SDPA attention on the CPU, dropout off, `use_cache=False`,
+the scoring head of `ortzo.engines.torch_model.scores` (the LM head at one row per example,
+then log-softmax). Each count was checked against what PyTorch saves for backward
+(`torch.autograd.graph.saved_tensors_hooks`, unique storages) in tests/test_memory.py.
+
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models")
+count s b h (34 + 5 a s / h) bytes a layer in fp16: dropout masks and the materialised
+s x s attention scores included. Our count differs where our implementation does: SDPA's CPU
+flash kernel keeps q, k, v, its output and a log-sum-exp per row and head (no s x s scores),
+dropout is off (no masks), RMSNorm upcasts to fp32, and GQA's k/v are repeated only when SDPA
+gets a mask. MeZO (Malladi et al. 2023) needs inference memory: the weights, one
+forward's transient activations and the head; its reference code adds one Gaussian z of the
+largest parameter at a time (torch-mezo), ortzo's directions a few 64k-element chunks (none).
+
+Notation: b batch, s sequence, t = b s tokens, h hidden, n heads, k kv heads, d head dim,
+I intermediate, V vocab, c bytes of the compute dtype (4 for fp32); sizes below are bytes.
+
+The paper's setting (`PAPER`; `ortzo memory --budget 17GB` prints it): with MeZO's batch of 16
+and 256-token prompts, BP in fp32 with AdamW (weights + gradients + two moments + kept
+activations) fits GPT-2-medium and not GPT-2-large in 17 GB, and MeZO on 16-bit weights
+(weights + one forward's transient + the head) fits Llama-2-7B, 19x the parameters. Llama-2-13B
+needs ~27 GB at 16 bits: within 17 GB only at ~1.2 bytes a weight (8-bit), which no engine
+here does. L'/L is read as the fraction of layers checkpointed (recomputed), as torch-bp's
+--checkpoint-fraction.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any
+
+from .errors import OrtzoError
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+METHODS = ("ort-mezo", "torch-mezo", "bp")
+OPTIMIZER_COPIES = {"adamw": 2, "sgd": 0, "momentum": 1}  # state tensors per parameter (torch.optim)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "opt", "gpt_neox", "phi3")
+_GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # down(act(gate x) * up x)
+_UNGATED_KEPT = {"gelu_new": 5, "gelu": 2, "relu": 1}  # I-wide tensors an fc-act-fc MLP keeps
+_FLOAT_MASK = ("opt",)  # builds one float mask that every layer's SDPA shares (others: a bool one)
+
+# Peak RSS of an engine's process on a model of 29k parameters (imports, ORT session, torch's
+# pools): `python -m ortzo.recipes.measure` on this project's CPU machine, torch 2.13; it
+# differs between machines and library versions.
+RUNTIME = {"ort-mezo": 86 * 2**20, "torch-mezo": 351 * 2**20, "bp": 357 * 2**20}
+# A loaded tokenizer (`tokenizers`) costs about this much a vocabulary entry: 1.1 kB measured for
+# Gemma 3's (262k entries), 0.7 kB for SmolLM2's (49k).
+TOKENIZER = 1024
+
+# Model families for the budget inversion: export/ aliases with a [config] table, smallest first.
+SIZES = {
+    "gpt2": ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"),
+    "opt": ("opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b"),
+    "pythia": ("pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b", "pythia-6.9b",
+               "pythia-12b"),
+    "smollm2": ("smollm2-135m", "smollm2-360m", "smollm2-1.7b"),
+    "qwen2.5": ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b"),
+    "gemma3": ("gemma3-270m", "gemma3-1b"),
+    "llama2": ("llama2-7b", "llama2-13b", "llama2-70b"),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers of a decoder-only LM that its memory depends on, from its HF config."""
+
+    family: str  # the config's model_type (gemma3: its text part)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    act: str
+    positions: int = 0  # rows of a learned position table (gpt2, opt); 0: rotary
+    rotary_dims: int = 0
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    proj_dim: int = 0  # opt's word_embed_proj_dim when it is not hidden: project_in/out
+    final_norm: bool = True  # opt-350m normalises after each block instead
+    parallel_residual: bool = True  # gpt_neox
+    sliding: tuple[bool, ...] = ()  # per layer: attends within `window` tokens
+    window: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Arch:
+        """Read a Hugging Face config dict (config.json) as transformers would: a key it
+        leaves out takes the default of that model_type's config class (`save_pretrained`
+        writes only what differs), and kv heads and head_dim, where the class derives them,
+        are derived (heads, hidden / heads)."""
+        c = {k: v for k, v in config.items() if v is not None}
+        family = c.get("model_type")
+        if family == "gemma3":  # the multimodal wrapper: its language model
+            c, family = {k: v for k, v in (c.get("text_config") or {}).items() if v is not None}, "gemma3_text"
+        if family not in FAMILIES:
+            raise OrtzoError(f"{'unsupported model_type ' + repr(family) if family else 'config without model_type'} "
+                             f"(the memory model knows {', '.join(FAMILIES)})")
+        return _READERS[family](_DEFAULTS[family] | c | {"model_type": family})
+
+    @property
+    def inner(self) -> int:
+        """Width of the attention's q (and output): heads x head_dim, not always hidden."""
+        return self.heads * self.head_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.proj_dim or self.hidden
+
+
+_LLAMA = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
+          "vocab_size": 32000, "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+          "mlp_bias": False}
+# transformers 4.57's config-class defaults of the keys read here.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA | {"num_key_value_heads": 8, "intermediate_size": 14336, "sliding_window": 4096},
+    "qwen2": _LLAMA | {"num_key_value_heads": 32, "intermediate_size": 22016, "vocab_size": 151936},
+    "qwen3": _LLAMA | {"num_key_value_heads": 32, "head_dim": 128, "intermediate_size": 22016, "vocab_size": 151936},
+    "gemma3_text": _LLAMA | {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+                             "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216,
+                             "vocab_size": 262208, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+                             "sliding_window": 4096, "sliding_window_pattern": 6},
+    "phi3": _LLAMA | {"hidden_size": 3072, "intermediate_size": 8192, "vocab_size": 32064,
+                      "partial_rotary_factor": 1.0},
+    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024,
+             "activation_function": "gelu_new", "tie_word_embeddings": True},
+    "opt": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "ffn_dim": 3072,
+            "vocab_size": 50272, "max_position_embeddings": 2048, "activation_function": "relu",
+            "do_layer_norm_before": True, "_remove_final_layer_norm": False, "enable_bias": True,
+            "tie_word_embeddings": True},
+    "gpt_neox": {"hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64, "intermediate_size": 24576,
+                 "vocab_size": 50432, "tie_word_embeddings": False, "hidden_act": "gelu", "attention_bias": True,
+                 "rotary_pct": 0.25, "use_parallel_residual": True},
+}
+
+
+def _llama_like(c: dict[str, Any]) -> Arch:
+    family, h, n, layers = c["model_type"], c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    head_dim = c.get("head_dim", h // n)
+    window = c.get("sliding_window", 0)
+    types = c.get("layer_types")
+    if family == "gemma3_text" and not types:  # older configs: every 6th layer global
+        types = ["full_attention" if (i + 1) % c["sliding_window_pattern"] == 0 else "sliding_attention"
+                 for i in range(layers)]
+    if family in ("mistral", "phi3") and window:
+        types = ["sliding_attention"] * layers
+    if family == "qwen2" and not c.get("use_sliding_window"):
+        types = None
+    return Arch(family, h, layers, n, c.get("num_key_value_heads", n), head_dim, c["intermediate_size"],
+                c["vocab_size"], c["tie_word_embeddings"], c.get("hidden_activation", c["hidden_act"]),
+                rotary_dims=int(head_dim * c.get("partial_rotary_factor", 1.0)),
+                qkv_bias=family == "qwen2" or c["attention_bias"], out_bias=family != "qwen2" and c["attention_bias"],
+                mlp_bias=c["mlp_bias"], sliding=tuple(t == "sliding_attention" for t in types) if types and window
+                else (), window=window)
+
+
+def _gpt2(c: dict[str, Any]) -> Arch:
+    h, n = c["n_embd"], c["n_head"]
+    return Arch("gpt2", h, c["n_layer"], n, n, h // n, c.get("n_inner", 4 * h), c["vocab_size"],
+                c["tie_word_embeddings"], c["activation_function"], positions=c["n_positions"], qkv_bias=True,
+                out_bias=True, mlp_bias=True)
+
+
+def _opt(c: dict[str, Any]) -> Arch:
+    h, n = c["hidden_size"], c["num_attention_heads"]
+    proj, bias, pre = c.get("word_embed_proj_dim", h), c["enable_bias"], c["do_layer_norm_before"]
+    return Arch("opt", h, c["num_hidden_layers"], n, n, h // n, c["ffn_dim"], c["vocab_size"],
+                c["tie_word_embeddings"], c["activation_function"],
+                positions=c["max_position_embeddings"] + 2,  # OPT offsets positions by 2
+                qkv_bias=bias, out_bias=bias, mlp_bias=bias, proj_dim=proj if proj != h else 0,
+                final_norm=pre and not c["_remove_final_layer_norm"])
+
+
+def _gpt_neox(c: dict[str, Any]) -> Arch:
+    h, n = c["hidden_size"], c["num_attention_heads"]
+    return Arch("gpt_neox", h, c["num_hidden_layers"], n, n, h // n, c["intermediate_size"], c["vocab_size"],
+                c["tie_word_embeddings"], c["hidden_act"], rotary_dims=int(h // n * c["rotary_pct"]),
+                qkv_bias=c["attention_bias"], out_bias=c["attention_bias"], mlp_bias=True,
+                parallel_residual=c["use_parallel_residual"])
+
+
+_READERS = dict.fromkeys(_GATED, _llama_like) | {"gpt2": _gpt2, "opt": _opt, "gpt_neox": _gpt_neox}
+
+
+# ---------------------------------------------------------------------------------- parameters
+
+def layer_parameters(a: Arch) -> list[int]:
+    """Element counts of one decoder layer's parameter tensors, fused where the model fuses
+    them (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj)."""
+    h, nd, kd, i = a.hidden, a.inner, a.kv_heads * a.head_dim, a.intermediate
+    if a.family == "phi3":
+        return [h * (nd + 2 * kd), nd * h, h * 2 * i, i * h, h, h]
+    if a.family in _GATED:
+        qkv = [h * nd, h * kd, h * kd] + ([nd, kd, kd] if a.qkv_bias else [])
+        out = [nd * h] + ([h] if a.out_bias else [])
+        mlp = [h * i, h * i, i * h] + ([i, i, h] if a.mlp_bias else [])
+        norms = {"gemma3_text": [h] * 4 + [a.head_dim] * 2, "qwen3": [h] * 2 + [a.head_dim] * 2}.get(a.family, [h] * 2)
+        return qkv + out + mlp + norms
+    fused = a.family in ("gpt2", "gpt_neox")
+    qkv = ([h * 3 * nd] if fused else [h * nd] * 3) + (([3 * nd] if fused else [nd] * 3) if a.qkv_bias else [])
+    out = [nd * h] + ([h] if a.out_bias else [])
+    mlp = [h * i, i * h] + ([i, h] if a.mlp_bias else [])
+    return qkv + out + mlp + [h] * 4  # two LayerNorms, weight and bias
+
+
+def outer_parameters(a: Arch) -> tuple[list[int], list[int]]:
+    """(input side: embeddings, positions, OPT's project_in; output side: final norm,
+    project_out, an untied LM head): the tensors outside the decoder layers."""
+    e = a.embed_dim
+    inputs = [a.vocab * e] + ([a.positions * a.hidden] if a.positions else []) + ([e * a.hidden] if a.proj_dim else [])
+    norm = [] if not a.final_norm else [a.hidden] * (1 if a.family in _GATED else 2)
+    outputs = norm + ([a.hidden * e] if a.proj_dim else []) + ([] if a.tied else [a.vocab * e])
+    return inputs, outputs
+
+
+def parameter_count(a: Arch) -> int:
+    """Every parameter once (a tied head is the embedding), as `model.parameters()` yields them."""
+    inputs, outputs = outer_parameters(a)
+    return sum(inputs) + sum(outputs) + a.layers * sum(layer_parameters(a))
+
+
+def largest_parameter(a: Arch) -> int:
+    """Elements of the largest tensor: what per-tensor temporaries (AdamW's sqrt, MeZO's z) cost."""
+    inputs, outputs = outer_parameters(a)
+    return max(inputs + outputs + layer_parameters(a))
+
+
+# --------------------------------------------------------------------- activations for backward
+
+def _rms(rows: int, width: int, c: int) -> int:
+    """HF RMSNorm keeps x upcast to fp32 (pow, mul), 1/rms (fp32), and x/rms cast back (c)."""
+    return 4 * rows * width + 4 * rows + c * rows * width
+
+
+def _gemma_rms(rows: int, width: int) -> int:
+    """Gemma's RMSNorm stays in fp32: x, 1/rms, x/rms, and its (1 + weight) vector."""
+    return 4 * rows * width + 4 * rows + 4 * rows * width + 4 * width
+
+
+def _layernorm(rows: int, width: int, c: int) -> int:
+    """native_layer_norm keeps its input and per-row mean and 1/std, all in the compute dtype."""
+    return c * rows * width + 2 * c * rows
+
+
+def masked(a: Arch, layer: int, seq: int, padded: bool) -> bool:
+    """Whether SDPA gets a mask in this layer: transformers drops it for a full causal batch,
+    except in a sliding-window layer the sequence fills."""
+    return padded or (bool(a.sliding) and a.sliding[layer] and seq >= a.window)
+
+
+def layer_activations(a: Arch, batch: int, seq: int, c: int, mask: bool) -> Counter[str]:
+    """Bytes one decoder layer keeps for backward, by tensor kind.
+
+    norms: 2 (RMSNorm(t h) + c t h) for llama-like (each norm's output feeds a Linear, which
+      keeps it); Gemma 3: 4 fp32 norms, two with their outputs; LayerNorm families
+      2 (c t h + 2 c t + c t h), except that GPT-NeoX's parallel norms share their input.
+    q k v: c t n d (q after RoPE) + 2 c t n d when SDPA's mask makes transformers repeat
+      GQA's k/v, else 2 c t k d; GPT-2 keeps the fused c_attn output (3 c t h), Phi-3's v and
+      GPT-NeoX's v are views of their fused output ((n + 2k) d, 3 n d); OPT 3 c t n d.
+    attention: 4 t n (SDPA's log-sum-exp) + c t n d (its output, which o_proj keeps as its
+      input) + c t n d more where that output is head-major and o_proj copies it (NeoX, Phi-3).
+    attention mask: c b s^2, SDPA's CPU kernel turns the boolean mask into a float copy per call
+      (OPT's mask is float already, one for all layers: see `outer_activations`).
+    mlp: gated 4 c t I (gate, act(gate), up, their product); GPT-2's composed gelu_new 5 c t I,
+      GPT-NeoX's gelu 2 c t I, OPT's relu c t I (its output is fc2's input).
+    """
+    t = batch * seq
+    h, n, d, i, nd, kd = a.hidden, a.heads, a.head_dim, a.intermediate, a.inner, a.kv_heads * a.head_dim
+    repeat = mask and a.kv_heads < n
+    out: Counter[str] = Counter()
+    f = a.family
+    if f == "gemma3_text":
+        out["norms"] = 4 * _gemma_rms(t, h) + 2 * c * t * h + _gemma_rms(t * n, d) + _gemma_rms(t * a.kv_heads, d)
+    elif f in _GATED:
+        out["norms"] = 2 * (_rms(t, h, c) + c * t * h)
+        if f == "qwen3":
+            out["norms"] += _rms(t * n, d, c) + _rms(t * a.kv_heads, d, c)
+    elif f == "gpt_neox" and a.parallel_residual:
+        out["norms"] = c * t * h + 2 * (2 * c * t + c * t * h)
+    else:
+        out["norms"] = 2 * (_layernorm(t, h, c) + c * t * h)
+    if f == "gpt2":
+        out["q k v"] = 3 * c * t * h
+    elif f == "opt":
+        out["q k v"] = 3 * c * t * nd
+    elif f == "gpt_neox":
+        out["q k v"] = 2 * c * t * nd + 3 * c * t * nd
+    elif f == "phi3":
+        out["q k v"] = c * t * nd + (2 * c * t * nd if repeat else c * t * kd + c * t * (nd + 2 * kd))
+    else:
+        out["q k v"] = c * t * nd + (2 * c * t * nd if repeat else 2 * c * t * kd)
+    out["attention"] = 4 * t * n + c * t * nd * (2 if f in ("gpt_neox", "phi3") else 1)
+    if mask and f not in _FLOAT_MASK:
+        out["attention mask"] = c * batch * seq * seq
+    out["mlp"] = c * t * i * (4 if f in _GATED else _mlp_kept(a))
+    return out
+
+
+def _mlp_kept(a: Arch) -> int:
+    if a.act not in _UNGATED_KEPT:
+        raise OrtzoError(f"{a.family} with activation {a.act!r}: not in the memory model "
+                         f"({', '.join(_UNGATED_KEPT)})")
+    return _UNGATED_KEPT[a.act]
+
+
+def outer_activations(a: Arch, batch: int, seq: int, c: int, padded: bool) -> Counter[str]:
+    """Bytes kept outside the decoder layers, by kind.
+
+    indices: 8 t (token ids, which the embedding keeps) + 8 t (learned positions) + 8 b (the
+      scored rows); rotary tables: 2 c t r per table (cos, sin: r rotary dims; Gemma 3 has a
+      local and a global table); embeddings: OPT's project_in keeps c t e, Gemma's scale c;
+    attention mask: OPT's one float mask, c b s^2, when the batch is padded;
+    head: the final norm (as in a layer, without an output: the row gather keeps nothing)
+      + OPT's project_out input c t h + the scored rows the LM head keeps, c b e.
+    """
+    t = batch * seq
+    h, e = a.hidden, a.embed_dim
+    out: Counter[str] = Counter()
+    out["indices"] = 8 * t * (2 if a.positions else 1) + 8 * batch
+    if a.rotary_dims:  # Gemma 3: a local and a global table when it has both kinds of layer
+        tables = 2 if a.family == "gemma3_text" and len(set(a.sliding)) == 2 else 1
+        out["rotary tables"] = tables * 2 * c * t * a.rotary_dims
+    if a.proj_dim:
+        out["embeddings"] = c * t * e
+    if padded and a.family in _FLOAT_MASK:
+        out["attention mask"] = c * batch * seq * seq
+    if a.family == "gemma3_text":
+        out["embeddings"] = c
+    if not a.final_norm:
+        head = 0
+    elif a.family == "gemma3_text":
+        head = _gemma_rms(t, h)
+    elif a.family in _GATED:
+        head = _rms(t, h, c)
+    else:
+        head = _layernorm(t, h, c)
+    out["head"] = head + (c * t * h if a.proj_dim else 0) + c * batch * e
+    return out
+
+
+# ------------------------------------------------------------------------- transient forwards
+
+def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: bool) -> int:
+    """The most one forward without autograd holds at once beyond the weights (the peak of
+    its worst layer).
+
+    PyTorch (inference mode; checked against the profiler's allocation timeline): Python
+    references keep the embedding output, the layer's input, the residual and the normed
+    input alive (4 c t h; GPT-2 also its position embeddings and attention output, 6 c t h),
+    plus the larger of the MLP's live intermediates (gated 3 c t I: act, up, product; Phi-3's
+    fused gate_up 4 c t I; GPT-2's composed gelu_new 4 c t I; gelu, relu 2 c t I) and the
+    attention's (q, k, v, repeated k/v, output, the float mask copy); plus the rotary tables
+    and the boolean mask (b s^2). ONNX Runtime frees by its plan (2 c t h held) but
+    materialises the attention scores and probabilities, 2 c b n s^2. The ORT figure is an
+    estimate: peak RSS matched it on Gemma 3 270M (16 x 128) but grew up to 2.7x faster on a
+    hidden-256 Llama export (b s^2 and per-token terms of ORT's own plan).
+    """
+    t = batch * seq
+    h, nd, kd = a.hidden, a.inner, a.kv_heads * a.head_dim
+    mask = any(masked(a, layer, seq, padded) for layer in range(a.layers))
+    repeat = 2 * c * t * nd if mask and a.kv_heads < a.heads else 2 * c * t * kd
+    mlp = c * t * a.intermediate * {"phi3": 4, "gpt2": 4}.get(a.family, 3 if a.family in _GATED else 2)
+    attention = 2 * c * t * nd + repeat + (c * batch * seq * seq if mask else 0)
+    if ort:
+        return 2 * c * t * h + max(mlp, attention + 2 * c * batch * a.heads * seq * seq)
+    held = (6 if a.family == "gpt2" else 4) * c * t * h
+    return held + max(mlp, attention) + outer_activations(a, batch, seq, c, padded)["rotary tables"] + (
+        batch * seq * seq if mask else 0)
+
+
+# --------------------------------------------------------------------------------- estimates
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per term, the activations by kind and per layer, and `total`: the predicted peak
+    (the most the terms alive together at one moment of a step reach), with `phase` naming it."""
+
+    method: str
+    params: int
+    terms: dict[str, int]
+    total: int
+    phase: str
+    activations: dict[str, int] = field(default_factory=dict)
+    layer_bytes: tuple[int, ...] = ()
+    checkpointed: int = 0
+
+
+def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: str = "ort-mezo",
+             optimizer: str = "adamw", checkpoint_fraction: float = 0.0, dtype: str = "float32",
+             padded: bool = True) -> Estimate:
+    """The memory of one training step of `model` (an Arch or an HF config dict). Every method
+    holds its runtime, the tokenizer (`TOKENIZER` bytes a vocabulary entry) and the weights; then
+
+    ort-mezo: fp32 masters for an fp16 store (4 bytes a parameter) + the larger of one ONNX
+      Runtime forward's transient and the head (logits and log-probs, 2 x 4 b V), which runs
+      once the layers' intermediates are freed.
+    torch-mezo: the largest of the forward transient, the head, and the reference update's
+      temporaries (z and lr g z: 2 c x the largest tensor).
+    bp: the optimizer state (AdamW 2, momentum 1, SGD 0 copies of the weights) + the largest of
+      forward end: kept activations + log-probs (4 b V);
+      backward at layer l: the layers below l (a checkpointed one keeps only its input, c t h),
+        layer l in full (rebuilt if checkpointed), the gradients of layers >= l and of the head
+        (a tied embedding's among them), and the backward's working set 2 c t I (activation
+        gradients inside the layer: calibrated on the profiler's allocation timeline);
+      optimizer step: all gradients + AdamW's temporaries (sqrt and its quotient, 2 c x the
+        largest tensor; SGD without weight decay: none).
+    `padded`: batches with padding, so SDPA gets a mask (ortzo's left-padded batches); False
+    for full rows, where transformers drops the mask and GQA skips the k/v copies.
+
+    `total` is the allocator's peak (live bytes). glibc's heap keeps freed chunks, so a
+    process's peak RSS can exceed it (bp: by 30-130 % where activations dominate); with
+    MALLOC_MMAP_THRESHOLD_=65536 peak RSS followed it within 5 % (Gemma 3 270M, 16 x 128).
+    """
+    a = model if isinstance(model, Arch) else Arch.from_config(model)
+    if method not in METHODS:
+        raise OrtzoError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if optimizer not in OPTIMIZER_COPIES:
+        raise OrtzoError(f"unknown optimizer {optimizer!r} (choose from {', '.join(OPTIMIZER_COPIES)})")
+    if dtype not in DTYPES:
+        raise OrtzoError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if batch < 1 or seq < 1 or not 0 <= checkpoint_fraction <= 1:
+        raise OrtzoError(f"batch {batch}, seq {seq}, checkpoint fraction {checkpoint_fraction}: out of range")
+    if method == "ort-mezo" and dtype == "bfloat16":
+        raise OrtzoError("ort-mezo stores float32 or float16 weights (see `ortzo export --dtype`)")
+    c = DTYPES[dtype]
+    params = parameter_count(a)
+    held = {"runtime": RUNTIME[method], "tokenizer": TOKENIZER * a.vocab, "weights": c * params}
+    if method == "bp":
+        return _backprop(a, batch, seq, c, optimizer, checkpoint_fraction, padded, params, held)
+    if method == "ort-mezo" and c == 2:
+        held["fp32 masters"] = 4 * params
+    moments = {"forward transient": forward_transient(a, batch, seq, c, padded, ort=method == "ort-mezo"),
+               "scoring head": 2 * 4 * batch * a.vocab}
+    if method == "torch-mezo":
+        moments["perturbation temporaries"] = 2 * c * largest_parameter(a)
+    worst = max(moments, key=moments.get)
+    phase = {"forward transient": "forward", "scoring head": "head"}.get(worst, "perturbation")
+    return Estimate(method, params, held | moments, sum(held.values()) + moments[worst], phase)
+
+
+def _backprop(a: Arch, batch: int, seq: int, c: int, optimizer: str, fraction: float, padded: bool,
+              params: int, held: dict[str, int]) -> Estimate:
+    t = batch * seq
+    n_ckpt = round(fraction * a.layers)
+    full = [sum(layer_activations(a, batch, seq, c, masked(a, layer, seq, padded)).values())
+            for layer in range(a.layers)]
+    kept = [c * t * a.hidden if layer < n_ckpt else full[layer] for layer in range(a.layers)]
+    outer = outer_activations(a, batch, seq, c, padded)
+    kinds: Counter[str] = Counter(outer)
+    for layer in range(n_ckpt, a.layers):
+        kinds.update(layer_activations(a, batch, seq, c, masked(a, layer, seq, padded)))
+    if n_ckpt:
+        kinds["checkpointed inputs"] = n_ckpt * c * t * a.hidden
+    held["optimizer state"] = OPTIMIZER_COPIES[optimizer] * c * params
+    terms = held | {"gradients": c * params, "activations kept": sum(kinds.values()), "logits": 4 * batch * a.vocab,
+                    "backward working set": 2 * c * t * a.intermediate}
+    if n_ckpt:
+        terms["recompute (one layer)"] = max(full[:n_ckpt])
+    if optimizer == "adamw":
+        terms["optimizer temporaries"] = 2 * c * largest_parameter(a)
+    _, outputs = outer_parameters(a)
+    first_grads = c * (sum(outputs) + (a.vocab * a.embed_dim if a.tied else 0))  # the head's, first in backward
+    resident = outer["indices"] + outer["rotary tables"] + outer["embeddings"]
+    layer_grads = c * sum(layer_parameters(a))
+    moments = {
+        "forward end": terms["activations kept"] + terms["logits"],
+        "backward": max(resident + sum(kept[:layer]) + full[layer] + (a.layers - layer) * layer_grads
+                        for layer in range(a.layers)) + first_grads + terms["backward working set"],
+        "optimizer step": terms["gradients"] + terms.get("optimizer temporaries", 0)}
+    phase = max(moments, key=moments.get)
+    return Estimate("bp", params, terms, sum(held.values()) + moments[phase], phase, dict(kinds), tuple(kept), n_ckpt)
+
+
+# ----------------------------------------------------------------------------- budget, aliases
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 17GB (10^9) or 16GiB (2^30); a bare number is bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise OrtzoError(f"bad memory size {text!r}: expected a number and a unit, e.g. 17GB or 16GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+def alias_config(alias: str) -> dict[str, Any] | None:
+    """The [config] table of export/<alias>.toml (public HF config values), None if it has none."""
+    spec = files("ortzo.model_files") / f"{alias}.toml"
+    if not spec.is_file():
+        return None
+    return tomllib.loads(spec.read_text(encoding="utf-8")).get("config")
+
+
+def aliases() -> list[str]:
+    """The export/ aliases that carry a [config] table."""
+    names = sorted(p.name[:-5] for p in files("ortzo.model_files").iterdir() if p.name.endswith(".toml"))
+    return [n for n in names if alias_config(n) is not None]
+
+
+def largest_fitting(budget: int, sizes: Sequence[str], batch: int, seq: int,
+                    **how: Any) -> tuple[str, Estimate] | None:
+    """The size with the most parameters whose predicted peak fits `budget` (none: None).
+    Every size is checked, not the first that fails: memory need not grow with parameters."""
+    fitting = []
+    for name in sizes:
+        config = alias_config(name)
+        if config is None:
+            raise OrtzoError(f"export/{name}.toml has no [config] table")
+        e = estimate(config, batch, seq, **how)
+        if e.total <= budget:
+            fitting.append((name, e))
+    return max(fitting, key=lambda ne: ne[1].params, default=None)
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """The comparison of Katti et al. (BP on GPT-2-medium vs MeZO on Llama-2-7B/13B at about
+    17 GB) with the assumptions this model needs to state it: MeZO's batch of 16, prompts of
+    256 tokens, BP in fp32 with AdamW, MeZO on 16-bit weights perturbed in place."""
+
+    batch: int = 16
+    seq: int = 256
+    bp_model: str = "gpt2-medium"
+    bp_optimizer: str = "adamw"
+    bp_dtype: str = "float32"
+    mezo_models: tuple[str, ...] = ("llama2-7b", "llama2-13b")
+    mezo_dtype: str = "float16"
+
+
+PAPER = PaperSetting()

@@ -1,0 +1,151 @@
+"""`ortzo compare`: the paper's experiment, measured. Under one memory budget and one time
+budget, each arm (an engine, its settings, and the model it may use) trains for the time
+budget with several seeds; the accuracy-vs-time curves of all runs go into one CSV and one
+PNG (mean and spread per arm), and any run whose measured peak RSS exceeded the budget is
+marked, so a claim like "MeZO fits a bigger model and wins after N minutes" is checked.
+
+An arm gives `model` (taken as is) or `models` (candidates: the largest whose predicted peak
+memory, by the memory model at the arm's batch size and prompt length, fits the budget).
+Every run is a `ortzo finetune` child process of its own (its peak RSS is its own) in
+OUT/<arm>/seed-<n>/; run again, `compare` resumes what is unfinished and redraws.
+
+The x axis is the steps' seconds (`train_seconds`): evaluations are the experimenter's cost,
+scheduled differently per arm, not the method's.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .. import jsonl
+from ..config import CompareSpec, RunConfig
+from ..errors import OrtzoError
+from ..files import atomic_open, write_json
+from ..model.manifest import hf_config
+from ..run.folder import RunFolder
+from ..run.plots import plot_compare
+
+COLUMNS = ("arm", "seed", "model", "engine", "step", "train_seconds", "wall_seconds", "eval_accuracy", "eval_loss",
+           "peak_rss_mib", "over_budget")
+
+
+def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
+    """Plan, run (or resume) every arm x seed, then write curves.csv, summary.csv and curves.png."""
+    plan = _plan(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "plan.json", {"spec": spec.model_dump(), "arms": plan})
+    runs = [(arm, seed) for arm in plan for seed in spec.seeds]
+    for arm, seed in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True):
+        _run(out / arm / f"seed-{seed}", plan[arm]["settings"] | {"seed": seed})
+    rows = _curves(out, plan, spec)
+    with atomic_open(out / "curves.csv", "w") as f:
+        f.write(_csv(rows, COLUMNS))
+    summary = _summary(rows, plan, spec)
+    with atomic_open(out / "summary.csv", "w") as f:
+        f.write(_csv(summary, tuple(summary[0])))
+    plot_compare(rows, out / "curves.png", title=f"{spec.title}: memory budget {spec.memory_budget}, "
+                 f"{spec.time_budget / 60:g} min of steps per run")
+    for s in summary:
+        print(" ".join(f"{k}={v}" for k, v in s.items()))
+    print(f"wrote {out / 'curves.csv'}, {out / 'summary.csv'}, {out / 'curves.png'}")
+    return summary
+
+
+def _plan(spec: CompareSpec) -> dict[str, dict[str, Any]]:
+    """Each arm's settings with its model chosen; every arm's settings validated up front."""
+    from ..memory import estimate, parse_size
+
+    budget = parse_size(spec.memory_budget)
+    plan = {}
+    for arm, given in spec.arms.items():
+        settings = spec.common | {k: v for k, v in given.items() if k != "models"} | {"time_budget": spec.time_budget}
+        candidates = [given["model"]] if "model" in given else list(given.get("models", []))
+        if not candidates:
+            raise OrtzoError(f"arm {arm!r}: give a model or a list of candidate models")
+        cfg = RunConfig.build(settings | {"model": candidates[0]}, f"arm {arm!r}: ")
+        predicted = {m: estimate(hf_config(m), cfg.batch_size, cfg.max_length, method=_method(cfg),
+                                 optimizer=cfg.optimizer, checkpoint_fraction=cfg.checkpoint_fraction).total
+                     for m in candidates}
+        fitting = [m for m in candidates if predicted[m] <= budget or "model" in given]
+        if not fitting:
+            raise OrtzoError(f"arm {arm!r}: no candidate fits {spec.memory_budget} (predicted: "
+                             + ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in predicted.items()) + ")")
+        model = max(fitting, key=lambda m: _parameters(m))
+        plan[arm] = {"model": model, "predicted_peak_bytes": predicted[model],
+                     "settings": settings | {"model": str(Path(model).resolve())}}
+    return plan
+
+
+def _method(cfg: RunConfig) -> str:
+    return {"ort": "ort-mezo", "torch-mezo": "torch-mezo", "torch-bp": "bp"}[cfg.engine]
+
+
+def _parameters(model: str) -> int:
+    from ..model.manifest import Manifest
+
+    return sum(p.size for p in Manifest.load(model).parameters)
+
+
+def _run(folder: Path, settings: dict[str, Any]) -> None:
+    """Start or resume one run in a child process; its output goes to <folder>.log."""
+    if RunFolder(folder).holds_run():
+        argv = ["finetune", "--resume", "--out", str(folder)]
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        spec = folder.parent / f"{folder.name}.json"
+        write_json(spec, settings)
+        argv = ["finetune", "--config", str(spec), "--out", str(folder)]
+    with open(folder.parent / f"{folder.name}.log", "a") as log:
+        r = subprocess.run([sys.executable, "-m", "ortzo.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise OrtzoError(f"run {folder} failed (exit {r.returncode}); see {folder.parent / (folder.name + '.log')}")
+
+
+def _curves(out: Path, plan: dict[str, dict[str, Any]], spec: CompareSpec) -> list[dict[str, Any]]:
+    from ..memory import parse_size
+
+    budget_mib = parse_size(spec.memory_budget) / 2**20
+    rows = []
+    for arm, p in plan.items():
+        for seed in spec.seeds:
+            history, _ = jsonl.read(RunFolder(out / arm / f"seed-{seed}").metrics)
+            peak = max((h.get("peak_rss_mib", 0) for h in history), default=0)
+            for h in history:
+                rows.append({"arm": arm, "seed": seed, "model": Path(p["model"]).name,
+                             "engine": p["settings"].get("engine", "ort")} |
+                            {k: h.get(k) for k in COLUMNS[4:-1]} | {"over_budget": peak > budget_mib})
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]], plan: dict[str, dict[str, Any]], spec: CompareSpec) -> list[dict[str, Any]]:
+    """Per arm: zero-shot and final accuracy (mean and standard deviation over seeds), steps,
+    the largest measured peak RSS against the predicted one."""
+    import numpy as np
+
+    out = []
+    for arm, p in plan.items():
+        runs = [[r for r in rows if r["arm"] == arm and r["seed"] == s] for s in spec.seeds]
+        first = np.array([r[0]["eval_accuracy"] for r in runs])
+        last = np.array([r[-1]["eval_accuracy"] for r in runs])
+        out.append({"arm": arm, "model": Path(p["model"]).name, "engine": runs[0][0]["engine"], "seeds": len(runs),
+                    "zero_shot": round(float(first.mean()), 4), "final_mean": round(float(last.mean()), 4),
+                    "final_std": round(float(last.std(ddof=1)) if len(last) > 1 else 0.0, 4),
+                    "steps_mean": round(float(np.mean([r[-1]["step"] for r in runs])), 1),
+                    "peak_rss_mib": round(max(r[-1]["peak_rss_mib"] or 0 for r in runs)),
+                    "predicted_mib": round(p["predicted_peak_bytes"] / 2**20),
+                    "over_budget": any(r[0]["over_budget"] for r in runs)})
+    return out
+
+
+def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,126 @@
+"""One engine's training steps on a random batch, in a process of its own: the step time and
+the peak RSS that `ortzo bench --engines` and `ortzo memory --validate` report.
+
+A process's peak RSS is the high-water mark of everything it did, so each measurement that
+reports one runs alone in a child (`python -m ortzo.recipes.measure ...`, one JSON line out).
+Timings that are compared with each other are taken in one process, interleaved (`interleaved`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import RunConfig
+from ..engines.base import Engine
+from ..model.manifest import Manifest
+from ..model.targets import load_target
+from ..model.tokenizer import Tokenizer
+from ..model.weights import WeightStore
+from ..tasks.batches import Batch
+
+
+def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Batch:
+    """Full rows of random ids (no padding: the shape is what costs), two candidates scored at
+    the last position; timing and memory do not depend on the ids."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, vocab, size=(batch_size, seq_len))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.tile(np.arange(seq_len), (batch_size, 1)),
+             "score_index": np.arange(batch_size) * seq_len + seq_len - 1,
+             "score_ids": np.tile(np.array([11, 12]), (batch_size, 1))}
+    return Batch(feeds, rng.integers(0, 2, size=batch_size))
+
+
+def open_engine(model: Path, engine: str, batch: Batch, **settings: Any) -> Engine:
+    """An engine over all of `model`'s parameters, stepping on `batch` (lr small: the weights
+    barely move, so every step costs what a training step costs)."""
+    cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": 1e-7} | settings)
+    cfg = cfg.resolved()
+    manifest = Manifest.load(model)
+    store = WeightStore.load(model, manifest)
+    names = [p.name for p in manifest.parameters]
+    if engine == "ort":
+        from ..engines.ort import OrtMezo
+
+        return OrtMezo(cfg, model, store, names, load_target(cfg.target), lambda _: batch)
+    if engine == "torch-bp":
+        from ..engines.torch_bp import TorchBackprop
+
+        return TorchBackprop(cfg, model, store, names, lambda _: batch)
+    from ..engines.torch_mezo import TorchMezo
+
+    return TorchMezo(cfg, model, store, names, lambda _: batch)
+
+
+def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **settings: Any) -> dict[str, float]:
+    """`n` steps after one warm-up step: the median step seconds and the process's peak RSS."""
+    vocab = _vocab(model)
+    e = open_engine(model, engine, random_batch(batch_size, seq_len, vocab), **settings)
+    e.step(0)
+    times = []
+    for k in range(1, n + 1):
+        t = time.perf_counter()
+        e.step(k)
+        times.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
+
+
+def interleaved(model: Path, engines: list[str], batch_size: int, seq_len: int, n: int) -> dict[str, float]:
+    """Median step seconds of each engine, timed in turn (A B C A B C ...) in this process, so
+    that a drift of the machine's speed touches every engine alike."""
+    batch = random_batch(batch_size, seq_len, _vocab(model))
+    opened = {name: open_engine(model, name, batch) for name in engines}
+    for e in opened.values():
+        e.step(0)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for k in range(1, n + 1):
+        for name, e in opened.items():
+            t = time.perf_counter()
+            e.step(k)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def in_child(*args: Any, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m ortzo.recipes.measure ARGS` (with `env` added to the environment) and
+    return its JSON line."""
+    out = subprocess.run([sys.executable, "-m", "ortzo.recipes.measure", *map(str, args)], capture_output=True,
+                         text=True, env=os.environ | (env or {}))
+    if out.returncode:
+        raise RuntimeError(f"measurement {' '.join(map(str, args))} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size since it started its program: Linux's VmHWM.
+    (`getrusage`'s ru_maxrss is no good for a child: Linux carries the parent's peak into it
+    at exec, so a child of a big process would report the parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def _vocab(model: Path) -> int:
+    return Tokenizer(model, Manifest.load(model).tokenizer).backend.get_vocab_size()
+
+
+if __name__ == "__main__":
+    what, model, *rest = sys.argv[1:]
+    if what == "steps":
+        engine, b, s, n, settings = rest
+        result = steps(Path(model), engine, int(b), int(s), int(n), **json.loads(settings))
+    else:
+        b, s, n, *names = rest
+        result = interleaved(Path(model), names, int(b), int(s), int(n))
+    print(json.dumps(result))

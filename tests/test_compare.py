@@ -1,0 +1,90 @@
+"""`ortzo compare` end to end on two tiny models: each arm gets the largest model whose
+predicted memory fits, every run stops at its time budget, the curves and the summary come
+from the runs' own metrics, over-budget runs are marked, and a second call resumes."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from ortzo.cli import main
+from ortzo.memory import estimate
+from ortzo.model.manifest import hf_config
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A tiny Llama 4x wider than the conftest one: the bigger model of the experiment."""
+    from ortzo.model.export import export_model
+    from tiny import VOCAB, _build
+
+    folder = tmp_path_factory.mktemp("wide")
+    hf = _build("LlamaForCausalLM", "LlamaConfig", folder / "hf", 0, vocab_size=VOCAB, num_key_value_heads=2,
+                hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+    export_model(str(hf), folder / "out", say=lambda _: None)
+    return folder / "out"
+
+
+def test_compare_picks_fits_runs_and_draws(tiny_model, wide_model, tiny_data, tmp_path, capsys):
+    common = {"task": "sst2", "data": str(tiny_data), "batch_size": 8, "train_examples": 48, "eval_every": 4,
+              "lr": 1e-3, "max_length": 32}
+    bp = {m: estimate(hf_config(m), 8, 32, method="bp", optimizer="sgd").total for m in (tiny_model, wide_model)}
+    assert bp[tiny_model] < bp[wide_model]
+    budget = (bp[tiny_model] + bp[wide_model]) // 2  # backprop fits the small model only; MeZO both
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+title = "tiny"
+memory_budget = "{budget}B"
+time_budget = 0.4
+seeds = [0, 1]
+common = {json.dumps(common).replace('": ', '" = ')}
+[arms.mezo]
+engine = "ort"
+models = ["{tiny_model}", "{wide_model}"]
+[arms.bp]
+engine = "torch-bp"
+optimizer = "sgd"
+models = ["{tiny_model}", "{wide_model}"]
+""")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(spec), "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())["arms"]
+    assert plan["mezo"]["model"] == str(wide_model) and plan["bp"]["model"] == str(tiny_model)
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    budget_mib = budget / 2**20
+    for arm in ("mezo", "bp"):
+        for seed in (0, 1):
+            metrics = [json.loads(line) for line in (out / arm / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
+            mine = [r for r in rows if r["arm"] == arm and r["seed"] == str(seed)]
+            assert [int(r["step"]) for r in mine] == [m["step"] for m in metrics]
+            assert [float(r["eval_accuracy"]) for r in mine] == [m["eval_accuracy"] for m in metrics]
+            assert metrics[-1]["train_seconds"] >= 0.4
+            over = max(m["peak_rss_mib"] for m in metrics) > budget_mib
+            assert all(r["over_budget"] == str(over) for r in mine)
+    with open(out / "summary.csv") as f:
+        summary = {r["arm"]: r for r in csv.DictReader(f)}
+    assert summary["bp"]["engine"] == "torch-bp" and summary["bp"]["seeds"] == "2"
+    assert (out / "curves.png").stat().st_size > 5000
+    steps_before = (out / "bp" / "seed-1" / "steps.jsonl").read_text()
+    assert main(["compare", str(spec), "--out", str(out)]) == 0  # resumes: nothing left to run
+    assert (out / "bp" / "seed-1" / "steps.jsonl").read_text() == steps_before
+
+
+def test_compare_errors_are_one_line(tiny_model, tmp_path, capsys):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'memory_budget = "1MB"\ntime_budget = 1\n[arms.a]\nengine = "ort"\nmodels = ["{tiny_model}"]\n'
+                    'task = "sst2"\n')
+    for text, message in ((None, "no candidate fits 1MB"),
+                          ('memory_budget = "lots"\ntime_budget = 1\n[arms.a]\nmodel = "x"\n', "bad memory size"),
+                          ('time_budget = 1\n[arms.a]\nmodel = "x"\n', "missing setting 'memory_budget'"),
+                          ('memory_budget = "1GB"\ntime_budget = 1\n[arms.a]\nengine = "jax"\nmodel = "x"\n',
+                           "--engine")):
+        if text is not None:
+            spec.write_text(text)
+        capsys.readouterr()
+        assert main(["compare", str(spec), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
