@@ -230,7 +230,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     _expect_error(capsys, ["memory", "--budget", "17 gigs"], "bad memory size '17 gigs'")
     _expect_error(capsys, ["memory", "no-such-model"], "unknown model 'no-such-model'")
     _expect_error(capsys, ["memory", str(tmp_path)], "holds no hf_config.json or config.json")
-    _expect_error(capsys, ["memory"], "give a MODEL, or --budget")
+    _expect_error(capsys, ["memory"], "give a MODEL, --budget or --validate")
     _expect_error(capsys, ["memory", "gpt2", "--checkpoint-fraction", "2"], "--checkpoint-fraction")
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     _expect_error(capsys, ["memory", str(tmp_path)], "unsupported model_type 'bert'")
