@@ -27,7 +27,8 @@ from .. import jsonl
 from ..config import CompareSpec, RunConfig
 from ..errors import OrtzoError
 from ..files import atomic_open, write_json
-from ..model.manifest import hf_config
+from ..memory import estimate, parse_size
+from ..model.manifest import Manifest, hf_config
 from ..run.folder import RunFolder
 from ..run.plots import plot_compare
 
@@ -59,8 +60,6 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
 
 def _plan(spec: CompareSpec) -> dict[str, dict[str, Any]]:
     """Each arm's settings with its model chosen; every arm's settings validated up front."""
-    from ..memory import estimate, parse_size
-
     budget = parse_size(spec.memory_budget)
     plan = {}
     for arm, given in spec.arms.items():
@@ -87,8 +86,6 @@ def _method(cfg: RunConfig) -> str:
 
 
 def _parameters(model: str) -> int:
-    from ..model.manifest import Manifest
-
     return sum(p.size for p in Manifest.load(model).parameters)
 
 
@@ -108,8 +105,6 @@ def _run(folder: Path, settings: dict[str, Any]) -> None:
 
 
 def _curves(out: Path, plan: dict[str, dict[str, Any]], spec: CompareSpec) -> list[dict[str, Any]]:
-    from ..memory import parse_size
-
     budget_mib = parse_size(spec.memory_budget) / 2**20
     rows = []
     for arm, p in plan.items():
