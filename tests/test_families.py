@@ -113,3 +113,18 @@ def test_hf_config_round_trips(exported):
 def test_a_folder_without_hf_config_says_so(tmp_path):
     with pytest.raises(OrtzoError, match=HF_CONFIG):
         hf_config(tmp_path)
+
+
+def test_the_pytorch_engines_module_computes_the_same_scores(exported):
+    """The torch engines' module, rebuilt from hf_config.json over the folder's weights (in
+    PyTorch's layout, in place), scores as the ORT graph does."""
+    from ortzo.engines.torch_model import load_module, scores
+    from ortzo.model.weights import WeightStore
+
+    family, _, out, _ = exported
+    _, session = open_folder(out)
+    feeds = _ragged_feeds()
+    store = WeightStore.load(out, Manifest.load(out))
+    with torch.inference_mode():
+        got = scores(load_module(out, store), feeds).numpy()
+    np.testing.assert_allclose(got, session(feeds), rtol=0, atol=3e-5, err_msg=family)
