@@ -22,7 +22,7 @@ from ..model.weights import WeightStore
 from ..optim.directions import Directions
 from ..optim.mezo import mezo_step
 from ..tasks.objective import loss
-from .measure import in_child, peak_rss_mib
+from .measure import in_child, peak_rss_mib, random_batch
 
 
 def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target: str, kinds: list[str]) -> None:
@@ -140,13 +140,8 @@ def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_na
     store = WeightStore.load(model, manifest)
     target = load_target(target_name)
     session = ScoringSession(model, store, target)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(10, 1000, size=(batch_size, seq_len))  # any ids: timing does not depend on them
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.tile(np.arange(seq_len), (batch_size, 1)),
-             "score_index": np.arange(batch_size) * seq_len + seq_len - 1,
-             "score_ids": np.tile(np.array([11, 12]), (batch_size, 1))}
-    labels = rng.integers(0, 2, size=batch_size)
+    batch = random_batch(batch_size, seq_len, 1000)
+    feeds, labels = batch.feeds, batch.labels
     session(feeds)  # warm-up: ORT allocates its arenas on the first run
     directions = _TimedDirections(mode, target.direction_threads or None) if mode != "inference" else None
     buffers = store.trainable(list(store.arrays)) if directions else []  # fp32 masters for fp16 weights

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
+from ..engines import open_engine
 from ..engines.base import Engine
 from ..model.manifest import Manifest
 from ..model.targets import load_target
@@ -40,31 +41,20 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Ba
     return Batch(feeds, rng.integers(0, 2, size=batch_size))
 
 
-def open_engine(model: Path, engine: str, batch: Batch, **settings: Any) -> Engine:
+def engine_on(model: Path, engine: str, batch: Batch, **settings: Any) -> Engine:
     """An engine over all of `model`'s parameters, stepping on `batch` (lr small: the weights
     barely move, so every step costs what a training step costs)."""
     cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": 1e-7} | settings)
     cfg = cfg.resolved()
     manifest = Manifest.load(model)
-    store = WeightStore.load(model, manifest)
-    names = [p.name for p in manifest.parameters]
-    if engine == "ort":
-        from ..engines.ort import OrtMezo
-
-        return OrtMezo(cfg, model, store, names, load_target(cfg.target), lambda _: batch)
-    if engine == "torch-bp":
-        from ..engines.torch_bp import TorchBackprop
-
-        return TorchBackprop(cfg, model, store, names, lambda _: batch)
-    from ..engines.torch_mezo import TorchMezo
-
-    return TorchMezo(cfg, model, store, names, lambda _: batch)
+    return open_engine(cfg, model, WeightStore.load(model, manifest), [p.name for p in manifest.parameters],
+                        load_target(cfg.target), lambda _: batch)
 
 
 def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **settings: Any) -> dict[str, float]:
     """`n` steps after one warm-up step: the median step seconds and the process's peak RSS."""
     vocab = _vocab(model)
-    e = open_engine(model, engine, random_batch(batch_size, seq_len, vocab), **settings)
+    e = engine_on(model, engine, random_batch(batch_size, seq_len, vocab), **settings)
     e.step(0)
     times = []
     for k in range(1, n + 1):
@@ -78,7 +68,7 @@ def interleaved(model: Path, engines: list[str], batch_size: int, seq_len: int, 
     """Median step seconds of each engine, timed in turn (A B C A B C ...) in this process, so
     that a drift of the machine's speed touches every engine alike."""
     batch = random_batch(batch_size, seq_len, _vocab(model))
-    opened = {name: open_engine(model, name, batch) for name in engines}
+    opened = {name: engine_on(model, name, batch) for name in engines}
     for e in opened.values():
         e.step(0)
     times: dict[str, list[float]] = {name: [] for name in engines}

@@ -12,6 +12,7 @@ from typing import Any
 
 
 from ..config import RunConfig
+from ..engines import open_engine
 from ..engines.base import Engine, Saved
 from ..errors import OrtzoError
 from ..files import sha256_file
@@ -50,22 +51,12 @@ class Setup:
 
     def engine(self, store: WeightStore, saved: Saved | None = None) -> Engine:
         """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
-        names, engine = self.trained(store), self.cfg.engine
-        if engine == "ort":
-            from ..engines.ort import OrtMezo
-
-            return OrtMezo(self.cfg, self.model_dir, store, names, self.target, self.train_batch)
         try:
-            if engine == "torch-bp":
-                from ..engines.torch_bp import TorchBackprop
-
-                return TorchBackprop(self.cfg, self.model_dir, store, names, self.train_batch, saved)
-            from ..engines.torch_mezo import TorchMezo
-
-            return TorchMezo(self.cfg, self.model_dir, store, names, self.train_batch)
+            return open_engine(self.cfg, self.model_dir, store, self.trained(store), self.target, self.train_batch,
+                               saved)
         except ModuleNotFoundError as e:
-            raise OrtzoError(f"--engine {engine} needs PyTorch and transformers: pip install 'ortzo[export]' "
-                             f"({e})") from None
+            raise OrtzoError(f"--engine {self.cfg.engine} needs PyTorch and transformers: "
+                             f"pip install 'ortzo[export]' ({e})") from None
 
     @cached_property
     def train_ids(self) -> list[list[int]]:
