@@ -419,6 +419,10 @@ def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: s
         layer l in full (rebuilt if checkpointed), the gradients of layers >= l and of the head
         (a tied embedding's among them), and the backward's working set 2 c t I (activation
         gradients inside the layer: calibrated on the profiler's allocation timeline);
+      backward end: all gradients, and for a tied embedding two more dense c V e: the Gather's
+        gradient and its sum with the head's, which autograd makes out of place while both are
+        alive (three V x e tensors at that moment on the profiler's timeline). Gemma 3's 640 MiB
+        embedding makes this the peak with SGD at 8 x 64;
       optimizer step: all gradients + AdamW's temporaries (sqrt and its quotient, 2 c x the
         largest tensor; SGD without weight decay: none).
     `padded`: batches with padding, so SDPA gets a mask (ortzo's left-padded batches); False
@@ -483,6 +487,7 @@ def _backprop(a: Arch, batch: int, seq: int, c: int, optimizer: str, fraction: f
         "forward end": terms["activations kept"] + terms["logits"],
         "backward": max(resident + sum(kept[:layer]) + full[layer] + (a.layers - layer) * layer_grads
                         for layer in range(a.layers)) + first_grads + terms["backward working set"],
+        "backward end": terms["gradients"] + (2 * c * a.vocab * a.embed_dim if a.tied else 0),
         "optimizer step": terms["gradients"] + terms.get("optimizer temporaries", 0)}
     phase = max(moments, key=moments.get)
     return Estimate("bp", params, terms, sum(held.values()) + moments[phase], phase, dict(kinds), tuple(kept), n_ckpt)

@@ -74,8 +74,20 @@ class Directions:
                    table: np.ndarray | None) -> None:
         rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(key)))
         n = out.size
-        tmp = np.empty(min(SUB, n), np.float32)
+        tmp = np.empty(-(-min(SUB, n) // 8) * 8, np.float32)  # whole bytes of bits
         words = tmp.view(np.uint32)
+        if self.kind == "rademacher":
+            # z = +1 for a 0 bit, -1 for a 1 bit; each byte of bits picks its 8 values of
+            # +-scale from a table, one gather instead of unpack, shift and sign-flip passes.
+            signs = np.where(_BYTE_BITS, -scale, scale)
+            rows = tmp.reshape(-1, 8)
+            bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
+            for j in range(0, n, SUB):
+                m = min(SUB, n - j)
+                k = (m + 7) // 8
+                np.take(signs, bits[j // 8:j // 8 + k], axis=0, out=rows[:k])
+                out[j:j + m] += tmp[:m]
+            return
         if self.kind == "gaussian":
             for j in range(0, n, SUB):
                 t = tmp[: min(SUB, n - j)]
@@ -83,18 +95,18 @@ class Directions:
                 t *= scale
                 out[j:j + t.size] += t
             return
-        offsets = rng.integers(0, TABLE_SIZE - SUB, size=(n + SUB - 1) // SUB) if table is not None else None
+        # gaussian-table: the window with each sign flipped by its bit (a 1 bit flips), times `scale`
+        offsets = rng.integers(0, TABLE_SIZE - SUB, size=(n + SUB - 1) // SUB)
         bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
         for k, j in enumerate(range(0, n, SUB)):
             m = min(SUB, n - j)
-            # z = +1 for a 0 bit, -1 for a 1 bit: the bit goes into the float's sign.
             np.left_shift(np.unpackbits(bits[j // 8:(j + m + 7) // 8], count=m), 31, out=words[:m], dtype=np.uint32)
-            if offsets is None:  # rademacher: the signed bits of `scale` itself
-                words[:m] ^= scale.view(np.uint32)
-            else:  # gaussian-table: the window with its signs flipped, times `scale`
-                words[:m] ^= table[offsets[k]:offsets[k] + m].view(np.uint32)
-                tmp[:m] *= scale
+            words[:m] ^= table[offsets[k]:offsets[k] + m].view(np.uint32)
+            tmp[:m] *= scale
             out[j:j + m] += tmp[:m]
+
+
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(bool)  # [byte, bit], MSB first
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
