@@ -267,6 +267,20 @@ def _allocation_peak(fn) -> int:
     return int(live.max() - live[0])
 
 
+def _bp_step_peak(model, optimizer, feeds, labels) -> int:
+    """The allocation peak of a backprop step as the torch-bp engine takes it (gradients set
+    to None after the step), measured after a first step has made the optimizer's state."""
+    from ortzo.engines.torch_model import candidate_loss, scores
+
+    def step():
+        candidate_loss(scores(model, feeds), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    return _allocation_peak(step)
+
+
 MID = {"llama": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4),
        "gpt2": dict(n_embd=256, n_head=8, n_positions=128)}
 
@@ -293,20 +307,12 @@ def test_bp_peak_matches_the_allocator(family, fraction):
     import numpy as np
     import torch
 
-    from ortzo.engines.torch_model import candidate_loss, checkpoint_layers, scores
+    from ortzo.engines.torch_model import checkpoint_layers
 
     config, model = _mid_model(family)
     checkpoint_layers(model.train(), fraction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    feeds, labels = _feeds(8, 64), np.zeros(8, np.int64)
-
-    def step():
-        candidate_loss(scores(model, feeds), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    measured = _allocation_peak(step)
+    measured = _bp_step_peak(model, optimizer, _feeds(8, 64), np.zeros(8, np.int64))
     e = memory.estimate(config.to_dict(), 8, 64, method="bp", checkpoint_fraction=fraction)
     held = ("runtime", "tokenizer", "weights", "optimizer state")
     assert e.total - sum(e.terms[k] for k in held) == pytest.approx(measured, rel=0.06)
@@ -319,22 +325,13 @@ def test_tied_embedding_peak_is_the_end_of_backward():
     import numpy as np
     import torch
 
-    from ortzo.engines.torch_model import candidate_loss, scores
-
     small = dict(vocab_size=64000, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
     feeds, labels = _feeds(2, 8), np.zeros(2, np.int64)
     feeds["input_ids"] = np.random.default_rng(0).integers(2, 64000, (2, 8))
     for tied in (True, False):
         config, model = _build("llama", 2, tie_word_embeddings=tied, **small)
         optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-6)
-
-        def step():
-            candidate_loss(scores(model, feeds), labels).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
-        measured = _allocation_peak(step)
+        measured = _bp_step_peak(model, optimizer, feeds, labels)
         params = 4 * sum(p.numel() for p in model.parameters())
         expected = params + (2 * 4 * 64000 * 64 if tied else 0)  # computed here, not by the model
         e = memory.estimate(config.to_dict(), 2, 8, method="bp", optimizer="sgd")
