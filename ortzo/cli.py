@@ -1,4 +1,5 @@
-"""`ortzo export | finetune | eval | compare | bench | bench-export` (and `memory`).
+"""`ortzo export | prepare | mobile | placement | finetune | eval | bake | compare | bench | bench-export`
+(and `memory`, `targets`).
 
 Options come from the settings models in `config`. Every problem a user can cause (a bad
 option value, a missing or corrupt file, an unwritable or full disk) is one line on stderr
@@ -41,9 +42,37 @@ def _export(a: argparse.Namespace) -> None:
     from .model.export import export_model
 
     o = ExportOptions.build(config.given(a, ExportOptions))
-    m = export_model(o.model, o.out, opset=o.opset, force=o.force, dtype=o.dtype, verbose=o.verbose)
+    m = export_model(o.model, o.out, opset=o.opset, force=o.force, dtype=o.dtype, verbose=o.verbose,
+                     graph_format=o.format)
     print(f"wrote {o.out}: {len(m.parameters)} parameters, {sum(p.size for p in m.parameters):,} weights, "
           f"{m.weights_bytes / 2**20:.1f} MiB")
+
+
+def _mobile(a: argparse.Namespace) -> None:
+    from .model.mobile import OPERATORS, add_ort_graph, required_operators
+
+    o = config.MobileOptions.build(config.given(a, config.MobileOptions))
+    m = add_ort_graph(o.model)
+    ops = sum(len(names) for names in required_operators(o.model).values())
+    print(f"wrote {Path(o.model) / m.ort_graph} ({(Path(o.model) / m.ort_graph).stat().st_size / 2**20:.1f} MiB, "
+          f"weights stay inputs) and {OPERATORS} ({ops} operator types); targets with format = \"ort\" load it")
+
+
+def _placement(a: argparse.Namespace) -> None:
+    from .model.placement import report
+
+    o = config.PlacementOptions.build(config.given(a, config.PlacementOptions))
+    report(Path(o.model), list(o.providers), o.batch_size, o.seq_len)
+
+
+def _prepare(a: argparse.Namespace) -> None:
+    from .model.manifest import Manifest
+    from .model.prepare import prepare
+
+    o = config.PrepareOptions.build(config.given(a, config.PrepareOptions))
+    m = Manifest.load(prepare(o.model, o.out, tokenizer=o.tokenizer, force=o.force))
+    print(f"wrote {o.out}: {len(m.parameters)} parameters, {sum(p.size for p in m.parameters):,} weights, "
+          f"{m.weights_bytes / 2**20:.1f} MiB; inputs {', '.join(m.inputs)}; outputs {', '.join(m.outputs)}")
 
 
 def _finetune(a: argparse.Namespace) -> None:
@@ -68,6 +97,15 @@ def _eval(a: argparse.Namespace) -> None:
     print(json.dumps(evaluate_path(EvalOptions.build(config.given(a, EvalOptions)))))
 
 
+def _bake(a: argparse.Namespace) -> None:
+    from .recipes.bake import bake
+
+    o = config.BakeOptions.build(config.given(a, config.BakeOptions))
+    bake(o.path, o.out, step=o.step, force=o.force, say=lambda line: print(line, file=sys.stderr))
+    size = sum(p.stat().st_size for p in Path(o.out).iterdir())
+    print(f"wrote {o.out}: {size / 2**20:.1f} MiB (ORTModelForCausalLM.from_pretrained(out, use_cache=False))")
+
+
 def _compare(a: argparse.Namespace) -> None:
     from .recipes.compare import compare
 
@@ -78,13 +116,19 @@ def _compare(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
-    from .recipes.bench import bench_engines, bench_step
+    from .recipes.bench import bench_engines, bench_formats, bench_memory, bench_step
 
     o = BenchOptions.build(config.given(a, BenchOptions))
+    if o.out and not o.memory_shapes:
+        raise OrtzoError("--out: only with --memory (it holds the memory rows)")
     if o.directions:
         bench_step(Path(o.model), o.batch_size, o.seq_len, o.repeats, o.target, list(o.directions))
     if o.engines:
         bench_engines(Path(o.model), o.batch_size, o.seq_len, o.repeats, list(o.engines))
+    if o.formats:
+        bench_formats(Path(o.model), o.batch_size, o.seq_len, o.repeats, o.target, list(o.formats))
+    if o.memory_shapes:
+        bench_memory(Path(o.model), list(o.memory_shapes), o.target, Path(o.out) if o.out else None)
 
 
 def _bench_export(a: argparse.Namespace) -> None:
@@ -92,6 +136,19 @@ def _bench_export(a: argparse.Namespace) -> None:
 
     o = BenchExportOptions.build(config.given(a, BenchExportOptions))
     bench_export(Path(o.work), o.layers, o.hidden, o.intermediate, o.vocab)
+
+
+def _targets(a: argparse.Namespace) -> None:
+    from .model.targets import known_targets, load_target
+
+    print(f"{'target':<11} {'format':<6} {'weights':<7} {'runs here':<9} providers / what it is")
+    for name in known_targets():
+        t = load_target(name)
+        why = t.unavailable()
+        print(f"{name:<11} {t.format:<6} {t.device:<7} {'yes' if why is None else 'no':<9} "
+              f"{' > '.join(t.providers)}: {t.description}")
+        if why:
+            print(f"{'':<36}{why}")
 
 
 def _memory(a: argparse.Namespace) -> None:
@@ -119,6 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     e = command("export", "export a causal LM to a trainable model folder", _export)
     config.add_options(e, ExportOptions, positional=("model",))
 
+    mo = command("mobile", "add the graph in ORT format (model.ort, for mobile targets) to a trainable model folder",
+                 _mobile)
+    config.add_options(mo, config.MobileOptions, positional=("model",))
+
+    pl = command("placement", "which nodes of the trainable graph each mobile provider takes, and what falls "
+                 "back to the CPU", _placement)
+    config.add_options(pl, config.PlacementOptions, positional=("model",))
+
+    r = command("prepare", "make an ONNX model exported by any tool a trainable model folder", _prepare)
+    config.add_options(r, config.PrepareOptions, positional=("model",))
+
     f = command("finetune", "fine-tune with MeZO through ONNX Runtime", _finetune)
     config.add_options(f, RunConfig, positional=("model",), optional_positional=True)
     f.add_argument("--out", required=True, help="run folder: config, step log, metrics, checkpoints, plot")
@@ -130,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     v = command("eval", "accuracy of a model folder (zero-shot) or of a run's weights", _eval)
     config.add_options(v, EvalOptions, positional=("path",))
 
+    k = command("bake", "a model folder or a run's weights as a standard ONNX model for onnxruntime and Optimum",
+                _bake)
+    config.add_options(k, config.BakeOptions, positional=("path",))
+
     c = command("compare", "the same-budget experiment: arms x seeds for a time budget, curves as CSV and PNG",
                 _compare)
     config.add_options(c, CompareOptions, positional=("spec",))
@@ -139,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = command("bench-export", "peak memory of the export pass on a random multi-GB Llama", _bench_export)
     config.add_options(x, BenchExportOptions)
+
+    command("targets", "the execution-provider targets (targets/*.toml) and whether this onnxruntime build "
+            "runs each here", _targets)
 
     m = command("memory", "the memory model: per-term bytes of ort-mezo, torch-mezo and bp, or with --budget "
                 "the largest model that fits", _memory)

@@ -18,13 +18,14 @@ import argparse
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Self, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .engines.base import ENGINES
 from .errors import OrtzoError
-from .optim.directions import KINDS
+from .optim.directions import DEFAULT_KIND, KINDS
+from .model.placement import PROVIDERS
 from .tasks.task import HUB
 
 RECORDED = "recorded"  # the section of a run's config.json that is not settings
@@ -89,7 +90,8 @@ class RunConfig(Settings):
                                          ge=1)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
                                   ge=0)
-    directions: Literal[KINDS] = setting("rademacher", "distribution of the random directions z")
+    directions: Literal[KINDS] = setting(DEFAULT_KIND, "distribution of the random directions z (rademacher-counter: "
+                                         "+-1 signs computed identically on CPU and GPU)")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping",
                                  resumable=True, gt=0)
@@ -107,7 +109,7 @@ class RunConfig(Settings):
     max_length: int = setting(256, "prompt tokens at most; longer prompts lose the start of their text", ge=2)
     seed: int = setting(0, "seeds the example sample, batch order and directions", ge=0)
     target: str = setting("cpu", "execution-provider target: a name in targets/ or a .toml file",
-                          resumable=True, flags=("--provider",))
+                          resumable=True, flags=("--provider", "--target"))
     engine: Literal[ENGINES] = setting("ort", "ort: MeZO through ONNX Runtime; the PyTorch baselines (the torch "
                                        "extra): torch-bp, backprop, and torch-mezo, MeZO as its reference code")
     optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "torch-bp: AdamW, SGD, or SGD with momentum")
@@ -187,7 +189,7 @@ class EvalOptions(Settings):
     seed: int | None = setting(None, "seed of the evaluation sample; default: the run's", ge=0)
     eval_batch_size: int | None = setting(None, "examples per batch; default: the run's", ge=1,
                                           flags=("--batch-size",))
-    target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider",))
+    target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider", "--target"))
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
 
 
@@ -198,6 +200,39 @@ class ExportOptions(Settings):
     force: bool = setting(False, "replace a non-empty --out")
     dtype: Literal["float32", "float16"] = setting("float32", "stored weights; float16 trains through fp32 masters")
     verbose: bool = setting(False, "show the third-party exporters' own output and warnings")
+    format: Literal["onnx", "ort"] = setting("onnx", "graph formats to write: onnx, or ort to add the graph in ORT "
+                                             "format (model.ort and its required_operators.config, for mobile "
+                                             "targets) as `ortzo mobile` does")
+
+
+class MobileOptions(Settings):
+    model: str = setting(..., "trainable model folder: adds model.ort (ORT format, for mobile targets and minimal "
+                         "builds) and required_operators.config, and records the graph in the manifest")
+
+
+class PlacementOptions(Settings):
+    model: str = setting(..., "trainable model folder")
+    providers: list[Literal[PROVIDERS]] = setting(list(PROVIDERS), "mobile providers to report",
+                                                  flags=("--provider",), min_length=1)
+    batch_size: int = setting(1, "batch rows the shape is fixed at (NNAPI, CoreML and QNN need static shapes)", ge=1)
+    seq_len: int = setting(64, "tokens per row the shape is fixed at", ge=1)
+
+
+class PrepareOptions(Settings):
+    model: str = setting(..., "an ONNX model exported by any tool (.onnx; external data beside it is read too)")
+    out: str = setting(..., "the trainable model folder to write")
+    tokenizer: str | None = setting(None, "a tokenizers tokenizer.json to copy into the folder; default: the "
+                                    "tokenizer.json beside the model, if there is one")
+    force: bool = setting(False, "replace a non-empty --out")
+
+
+class BakeOptions(Settings):
+    """`ortzo bake`: a standard ONNX model (weights as initializers) that Optimum loads."""
+
+    path: str = setting(..., "trainable model folder, or a finetune run folder (its weights)")
+    out: str = setting(..., "the folder to write: model.onnx, model.onnx_data, config.json, the tokenizer")
+    step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
+    force: bool = setting(False, "replace a non-empty --out")
 
 
 class BenchOptions(Settings):
@@ -208,7 +243,14 @@ class BenchOptions(Settings):
     directions: list[Literal[KINDS]] = setting(list(KINDS), "direction kinds to time (the flag alone: none)")
     engines: list[Literal[ENGINES]] = setting([], "also time these engines' steps (interleaved in one process) "
                                               "and each one's peak RSS (alone in its own)")
-    target: str = setting("cpu", "execution-provider target", flags=("--provider",))
+    target: str = setting("cpu", "execution-provider target", flags=("--provider", "--target"))
+    formats: list[Literal["onnx", "ort"]] = setting([], "also time the ORT engine's step on each graph format "
+                                                    "(model.onnx, model.ort) under --provider, interleaved in one "
+                                                    "process")
+    memory_shapes: list[Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")]] = setting(
+        [], "also measure peak RSS of a MeZO step and of inference alone at each BATCHxSEQ shape (e.g. 1x64 4x128), "
+        "under --provider, one child process each", flags=("--memory",))
+    out: str | None = setting(None, "--memory: also write the rows to this .jsonl file")
 
 
 class BenchExportOptions(Settings):

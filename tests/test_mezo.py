@@ -20,7 +20,7 @@ LABELS = np.array([0, 1, 1, 0])
 CANDIDATES = np.array([30, 31])
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "rademacher-counter", "gaussian"])
 def test_spsa_estimate_matches_autograd_directional_derivative(tiny_hf, tiny_model, kind):
     """g from two ORT forwards equals grad(L) . z computed by PyTorch autograd."""
     store, session = open_folder(tiny_model)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from ortzo.optim.directions import Directions
+from ortzo.optim.directions import KINDS, Directions
 from ortzo.optim.mezo import StepRecord, decay_mask, direction_seed, lr_at, mezo_step, replay, step_seed
 
 SHAPES = [(4, 5), (3,), (2, 3)]
@@ -174,7 +174,7 @@ def _run(kind, q, wd, clip, steps=25, threads=2):
     return w, records, mask
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "gaussian-table"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("q,wd,clip", [(1, 0.0, None), (1, 0.3, 5.0), (2, 0.0, None), (3, 0.1, 0.5)])
 def test_replay_rebuilds_weights_bit_exactly(kind, q, wd, clip):
     w, records, mask = _run(kind, q, wd, clip)
@@ -196,7 +196,7 @@ def test_replay_in_two_parts_equals_one():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "rademacher-counter", "gaussian"])
 def test_loss_falls_on_a_learnable_problem(kind):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(64, 20)).astype(np.float32), rng.normal(size=64).astype(np.float32)

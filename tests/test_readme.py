@@ -15,6 +15,6 @@ def test_readme_api_example_runs(tiny_model, tmp_path):
     code = code.replace('folder = "models/smollm2-135m"', f"folder = {str(tiny_model)!r}")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    losses = [float(line.split()[1]) for line in r.stdout.splitlines()]
-    assert len(losses) == 10
+    losses = [float(line.split()[1]) for line in r.stdout.splitlines() if re.fullmatch(r"\d+ \S+", line)]
+    assert len(losses) == 10 and r.stdout.startswith("before [")
     assert not any(tmp_path.iterdir())

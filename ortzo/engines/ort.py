@@ -1,7 +1,8 @@
 """The product: MeZO through an ONNX Runtime inference session over the weight store.
 
-Each step perturbs the store's arrays in place (the session reads them zero-copy) and calls
-only the session's forward: two forwards a step, inference memory."""
+Each step perturbs the weights in place where the session reads them (the store's arrays,
+bound zero-copy, or their device copy on a CUDA target) and calls only the session's
+forward: two forwards a step, inference memory."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,10 +25,10 @@ class OrtMezo:
     def __init__(self, cfg: RunConfig, model_dir: Path, store: WeightStore, names: list[str], target: Target,
                  batch_at: BatchAt) -> None:
         self.cfg, self.store, self.batch_at = cfg, store, batch_at
-        self.buffers = store.trainable(names)
-        self.decay = decay_mask(self.buffers)
-        self.directions = Directions(cfg.directions, target.direction_threads or None)
         self.session = ScoringSession(model_dir, store, target)
+        self.buffers, self.directions = trainable_buffers(self.session, names, cfg.directions,
+                                                          target.direction_threads)
+        self.decay = decay_mask(self.buffers)
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session(feeds)
@@ -45,3 +46,14 @@ class OrtMezo:
 
     def save_state(self, folder: Path) -> dict[str, Any]:
         return {}
+
+
+def trainable_buffers(session: ScoringSession, names: list[str], kind: str, threads: int = 0) -> tuple[list, Any]:
+    """The float32 buffers MeZO changes for the parameters `names`, and the generator of their
+    directions: host arrays (fp32 masters for fp16 weights) with NumPy's, or views of the
+    device copy with the CUDA kernel's (the same values)."""
+    if session.device is None:
+        return session.store.trainable(names), Directions(kind, threads or None)
+    from ..optim.cuda import CudaDirections
+
+    return session.device.trainable(names), CudaDirections(kind)

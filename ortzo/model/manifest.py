@@ -56,9 +56,11 @@ class Manifest:
     parameters: tuple[Parameter, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    tokenizer: dict[str, Any]
+    tokenizer: dict[str, Any]  # empty: the folder has none (an `ortzo prepare`d model without one)
     tied: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    ort_graph: str | None = None  # the graph in ORT format, for mobile targets (ortzo.model.mobile)
+    logits_graph: str | None = None  # the full-logits graph, same weight inputs (ortzo.model.logits)
     format: str = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -88,16 +90,19 @@ class Manifest:
             m = cls(graph=d["graph"], weights=d["weights"], weights_sha256=d["weights_sha256"],
                     weights_bytes=int(d["weights_bytes"]), parameters=params,
                     inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),
-                    tokenizer=dict(d["tokenizer"]), tied=dict(d.get("tied", {})),
-                    source=dict(d.get("source", {})))
+                    tokenizer=dict(d.get("tokenizer") or {}), tied=dict(d.get("tied", {})),
+                    source=dict(d.get("source", {})), ort_graph=d.get("ort_graph"),
+                    logits_graph=d.get("logits_graph"))
         except OrtzoError:
             raise
         except (ValueError, KeyError, TypeError) as e:
             raise OrtzoError(f"corrupt manifest {path}: {type(e).__name__}: {e}") from None
         m.check()
-        for name in (m.graph, m.weights, m.tokenizer.get("file", "tokenizer.json")):
+        for name in (m.graph, m.weights, *([m.tokenizer.get("file", "tokenizer.json")] if m.tokenizer else [])):
             if not (Path(folder) / name).is_file():
                 raise OrtzoError(f"model folder {folder} is missing {name}")
+        if m.ort_graph and not (Path(folder) / m.ort_graph).is_file():
+            raise OrtzoError(f"model folder {folder} is missing {m.ort_graph} (run `ortzo mobile {folder}`)")
         return m
 
     def check(self) -> None:

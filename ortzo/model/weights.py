@@ -9,12 +9,20 @@ import hashlib
 from fnmatch import fnmatch
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import OrtzoError
-from ..files import READ_BLOCK, atomic_open
+from ..files import READ_BLOCK, atomic_open, sha256_file
 from .manifest import ALIGN, Manifest
+
+
+class Resident(Protocol):
+    """A copy of the store's buffer elsewhere that training changes (device memory)."""
+
+    def download(self) -> None:
+        """Copy the live weights into the store's buffer."""
 
 
 class WeightStore:
@@ -31,6 +39,7 @@ class WeightStore:
         }
         self.masters: dict[str, np.ndarray] = {}
         self.flipped: set[str] = set()
+        self.resident: Resident | None = None  # where the live weights are when not here (a GPU)
 
     def to_torch_layout(self) -> None:
         """Rewrite, in place, each parameter stored transposed ([in, out], for ORT's MatMul) in
@@ -88,23 +97,32 @@ class WeightStore:
         if size != manifest.weights_bytes:
             raise OrtzoError(f"weight file {path} has {size} bytes, manifest says {manifest.weights_bytes}")
         buffer = _aligned_empty(size)
-        h = hashlib.sha256()
-        view = memoryview(buffer)
-        with open(path, "rb") as f:
-            pos = 0
-            while pos < size:
-                n = f.readinto(view[pos:pos + READ_BLOCK])
-                if not n:
-                    raise OrtzoError(f"weight file {path} ended early at byte {pos}")
-                h.update(view[pos:pos + n])
-                pos += n
-        if h.hexdigest() != expected:
+        if _read_into(path, buffer) != expected:
             raise OrtzoError(f"checksum mismatch for {path}: the weight file is corrupt or not this model's")
         return cls(manifest, buffer)
+
+    def reload(self, path: str | Path, sha256: str | None = None) -> None:
+        """Read another weight file of this model into the buffer the sessions bind, in place.
+        The file is checked whole first, so a corrupt one leaves the weights untouched."""
+        path = Path(path)
+        if not path.is_file():
+            raise OrtzoError(f"weight file not found: {path}")
+        if path.stat().st_size != self.manifest.weights_bytes:
+            raise OrtzoError(f"weight file {path} has {path.stat().st_size} bytes, manifest says "
+                             f"{self.manifest.weights_bytes}")
+        if sha256 is not None and sha256_file(path) != sha256:
+            raise OrtzoError(f"checksum mismatch for {path}: the weight file is corrupt or not the one saved")
+        if self.flipped:
+            raise OrtzoError("reload needs the folder's layout: this store is in PyTorch's")
+        _read_into(path, self.buffer)
+        for n, m in self.masters.items():
+            m[...] = self.arrays[n]
 
     def save(self, path: str | Path) -> str:
         """Write the whole buffer atomically in the folder's layout (masters rounded in first,
         flipped parameters transposed back on the way out); returns its sha256."""
+        if self.resident is not None:
+            self.resident.download()
         self.sync()
         return _write_hashed(path, self._blocks())
 
@@ -126,6 +144,20 @@ class WeightStore:
         if not names:
             raise OrtzoError(f"no parameter matches include={list(include)} exclude={list(exclude)}")
         return names
+
+
+def _read_into(path: Path, buffer: np.ndarray) -> str:
+    """Fill `buffer` from `path`; the sha256 of what was read."""
+    h, view, size = hashlib.sha256(), memoryview(buffer), buffer.size
+    with open(path, "rb") as f:
+        pos = 0
+        while pos < size:
+            n = f.readinto(view[pos:pos + READ_BLOCK])
+            if not n:
+                raise OrtzoError(f"weight file {path} ended early at byte {pos}")
+            h.update(view[pos:pos + n])
+            pos += n
+    return h.hexdigest()
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:

@@ -7,6 +7,10 @@ threads run or in which order the chunks are visited.
 
 Kinds (each has E[z] = 0 and E[z z^T] = I over the seeds):
 - "rademacher": +-1 from random bits (classic SPSA). Cheapest to generate.
+- "rademacher-counter": the same distribution from a counter-based generator: element i of
+  chunk c of buffer b is a pure function of (seed, b, c, i) (`counter_key`, `counter_word`), so a
+  GPU kernel computes the same values without any stream state (optim/cuda.py), and a step
+  log written on one device replays on any other to the same weights, bit for bit.
 - "gaussian": fresh N(0, 1) per element, as in MeZO. Generating normals dominates its cost.
 - "gaussian-table": windows of a fixed N(0, 1) table at seeded offsets (the shared noise
   table of Salimans et al., 2017), each element's sign flipped by its own random bit. The
@@ -22,7 +26,8 @@ from functools import cached_property
 
 import numpy as np
 
-KINDS = ("rademacher", "gaussian", "gaussian-table")
+KINDS = ("rademacher", "rademacher-counter", "gaussian", "gaussian-table")
+DEFAULT_KIND = "rademacher-counter"  # as cheap as "rademacher" and the same on every device
 CHUNK = 1 << 20  # elements per random stream
 SUB = 1 << 16  # elements per cache-sized piece of work inside a chunk
 TABLE_SIZE = 1 << 23  # 32 MiB of float32
@@ -32,7 +37,7 @@ TABLE_SEED = 20230527
 class Directions:
     """Adds scale * z(seed) to float32 buffers in place, on `threads` threads."""
 
-    def __init__(self, kind: str = "rademacher", threads: int | None = None) -> None:
+    def __init__(self, kind: str = DEFAULT_KIND, threads: int | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown direction kind {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind = kind
@@ -72,16 +77,22 @@ class Directions:
 
     def _add_chunk(self, out: np.ndarray, key: tuple[int, int, int], scale: np.float32,
                    table: np.ndarray | None) -> None:
-        rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(key)))
+        if self.kind != "rademacher-counter":
+            rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(key)))
         n = out.size
         tmp = np.empty(-(-min(SUB, n) // 8) * 8, np.float32)  # whole bytes of bits
         words = tmp.view(np.uint32)
-        if self.kind == "rademacher":
+        if self.kind in ("rademacher", "rademacher-counter"):
             # z = +1 for a 0 bit, -1 for a 1 bit; each byte of bits picks its 8 values of
             # +-scale from a table, one gather instead of unpack, shift and sign-flip passes.
-            signs = np.where(_BYTE_BITS, -scale, scale)
+            if self.kind == "rademacher":
+                signs = np.where(_BYTE_BITS, -scale, scale)
+                bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
+            else:  # bit i % 64 of word i // 64: little-endian bytes, least significant bit first
+                signs = np.where(_BYTE_BITS_LSB, -scale, scale)
+                words = counter_word(counter_key(*key), np.arange((n + 63) // 64, dtype=np.uint64))
+                bits = words.astype("<u8", copy=False).view(np.uint8)
             rows = tmp.reshape(-1, 8)
-            bits = rng.integers(0, 256, size=(n + 7) // 8, dtype=np.uint8)
             for j in range(0, n, SUB):
                 m = min(SUB, n - j)
                 k = (m + 7) // 8
@@ -107,6 +118,38 @@ class Directions:
 
 
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(bool)  # [byte, bit], MSB first
+_BYTE_BITS_LSB = _BYTE_BITS[:, ::-1]
+
+# The counter-based generator: SplitMix64 (Steele, Lea and Flood, "Fast splittable
+# pseudorandom number generators", OOPSLA 2014), whose n-th output is mix(state + n * GAMMA):
+# a pure function of (state, n). optim/cuda.py computes the same in a CUDA kernel.
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, a bijection of uint64 (wrapping arithmetic, in place on `x`)."""
+    x ^= x >> _S30
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
+    return x
+
+
+def counter_key(seed: int, buffer: int, chunk: int) -> np.uint64:
+    """The key of chunk `chunk` of buffer `buffer` under `seed`: three chained SplitMix64 steps."""
+    k = np.array([seed], np.uint64)
+    for part in (buffer, chunk):
+        k = _mix(k + GAMMA)
+        k += np.uint64(part)
+    return _mix(k + GAMMA)[0]
+
+
+def counter_word(key: np.uint64, index: np.ndarray) -> np.ndarray:
+    """64 random bits for each word index (uint64): SplitMix64's output number index + 1."""
+    return _mix(key + (index + np.uint64(1)) * GAMMA)
 
 
 def _flat(a: np.ndarray) -> np.ndarray:

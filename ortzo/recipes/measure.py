@@ -1,5 +1,6 @@
 """One engine's training steps on a random batch, in a process of its own: the step time and
-the peak RSS that `ortzo bench --engines` and `ortzo memory --validate` report.
+the peak RSS that `ortzo bench --engines`, `ortzo bench --memory` (beside forwards alone) and
+`ortzo memory --validate` report.
 
 A process's peak RSS is the high-water mark of everything it did, so each measurement that
 reports one runs alone in a child (`python -m ortzo.recipes.measure ...`, one JSON line out).
@@ -14,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from ..config import RunConfig
 from ..engines import open_engine
 from ..engines.base import Engine
 from ..model.manifest import Manifest
-from ..model.targets import load_target
+from ..model.session import ScoringSession
+from ..model.targets import Target, load_target
 from ..model.tokenizer import Tokenizer
 from ..model.weights import WeightStore
 from ..tasks.batches import Batch
@@ -41,19 +44,20 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Ba
     return Batch(feeds, rng.integers(0, 2, size=batch_size))
 
 
-def engine_on(model: Path, engine: str, batch: Batch, **settings: Any) -> Engine:
+def engine_on(model: Path, engine: str, batch: Batch, variant: Target | None = None, **settings: Any) -> Engine:
     """An engine over all of `model`'s parameters, stepping on `batch` (lr small: the weights
-    barely move, so every step costs what a training step costs)."""
+    barely move, so every step costs what a training step costs); `variant`: a target that no
+    file holds, in place of the settings' target."""
     cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": 1e-7} | settings)
     cfg = cfg.resolved()
     manifest = Manifest.load(model)
     return open_engine(cfg, model, WeightStore.load(model, manifest), [p.name for p in manifest.parameters],
-                        load_target(cfg.target), lambda _: batch)
+                        variant or load_target(cfg.target), lambda _: batch)
 
 
 def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **settings: Any) -> dict[str, float]:
     """`n` steps after one warm-up step: the median step seconds and the process's peak RSS."""
-    vocab = _vocab(model)
+    vocab = vocab_size(model)
     e = engine_on(model, engine, random_batch(batch_size, seq_len, vocab), **settings)
     e.step(0)
     times = []
@@ -64,14 +68,41 @@ def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **set
     return {"step_s": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
 
 
+def forwards(model: Path, target: str, batch_size: int, seq_len: int, n: int) -> dict[str, float]:
+    """Inference alone, to set beside `steps`: `n` forwards after a warm-up one through the
+    session a run uses, nothing trained; the median seconds and the process's peak RSS."""
+    batch = random_batch(batch_size, seq_len, vocab_size(model))
+    store = WeightStore.load(model, Manifest.load(model))
+    session = ScoringSession(model, store, load_target(target))
+    session(batch.feeds)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        session(batch.feeds)
+        times.append(time.perf_counter() - t)
+    return {"forward_s": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
+
+
 def interleaved(model: Path, engines: list[str], batch_size: int, seq_len: int, n: int) -> dict[str, float]:
     """Median step seconds of each engine, timed in turn (A B C A B C ...) in this process, so
     that a drift of the machine's speed touches every engine alike."""
-    batch = random_batch(batch_size, seq_len, _vocab(model))
-    opened = {name: engine_on(model, name, batch) for name in engines}
+    batch = random_batch(batch_size, seq_len, vocab_size(model))
+    return _in_turn({name: engine_on(model, name, batch) for name in engines}, n)
+
+
+def graph_formats(model: Path, target: str, formats: list[str], batch_size: int, seq_len: int,
+                  n: int) -> dict[str, float]:
+    """Median step seconds of the ORT engine on each graph format (`model.onnx`, `model.ort`)
+    under one target's providers and session options, timed in turn in this process."""
+    batch, base = random_batch(batch_size, seq_len, vocab_size(model)), load_target(target)
+    return _in_turn({f: engine_on(model, "ort", batch, variant=replace(base, format=f)) for f in formats}, n)
+
+
+def _in_turn(opened: dict[str, Engine], n: int) -> dict[str, float]:
+    """One warm-up step each, then `n` rounds of one step each (A B A B ...): median seconds."""
     for e in opened.values():
         e.step(0)
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    times: dict[str, list[float]] = {name: [] for name in opened}
     for k in range(1, n + 1):
         for name, e in opened.items():
             t = time.perf_counter()
@@ -101,7 +132,7 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def _vocab(model: Path) -> int:
+def vocab_size(model: Path) -> int:
     return Tokenizer(model, Manifest.load(model).tokenizer).backend.get_vocab_size()
 
 
@@ -110,6 +141,12 @@ if __name__ == "__main__":
     if what == "steps":
         engine, b, s, n, settings = rest
         result = steps(Path(model), engine, int(b), int(s), int(n), **json.loads(settings))
+    elif what == "forwards":
+        target, b, s, n = rest
+        result = forwards(Path(model), target, int(b), int(s), int(n))
+    elif what == "formats":
+        target, b, s, n, *formats = rest
+        result = graph_formats(Path(model), target, formats, int(b), int(s), int(n))
     else:
         b, s, n, *names = rest
         result = interleaved(Path(model), names, int(b), int(s), int(n))

@@ -90,6 +90,12 @@ def prepare(cfg: RunConfig, task: Task, say=print) -> Setup:
     model_dir = Path(cfg.model)
     manifest = Manifest.load(model_dir)
     target = load_target(cfg.target)
+    if cfg.engine == "ort":
+        if target.device == "cuda":
+            from ..optim.cuda import CudaDirections
+
+            CudaDirections(cfg.directions)  # a kind without a device kernel is refused here
+        target.check_available()
     splits = make_splits(task, cfg.data, train_split=cfg.train_split, eval_split=cfg.eval_split,
                          train_examples=cfg.train_examples, k_shot=cfg.k_shot, eval_examples=cfg.eval_examples,
                          dev_examples=cfg.dev_examples, seed=cfg.seed)

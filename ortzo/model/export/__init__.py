@@ -3,8 +3,8 @@
 Stages: resolve the source (sources), load it as safetensors (GGUF dequantized to fp32),
 trace the graph with Optimum (trace), write the tokenizer (tokenizer), then the ortzo pass
 (convert): PyTorch names, tied weights one buffer, weights to named inputs and one flat
-file, the scoring head (head), the Hugging Face config. The folder is built beside `out` and
-renamed into place.
+file, the scoring head (head), the Hugging Face config; then the full-logits graph
+(model.logits). The folder is built beside `out` and renamed into place.
 
 Needs the `export` extra (torch, optimum-onnx, transformers); the runtime never imports this.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ...errors import OrtzoError
 from ..manifest import Manifest
+from ..mobile import add_ort_graph
 from .convert import convert
 from .sources import load_to_folder, resolve
 from .tokenizer import export_tokenizer
@@ -34,13 +35,16 @@ STAGES = 4
 
 
 def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32",
-                 verbose: bool = False, say: Callable[[str], None] = print) -> Manifest:
+                 verbose: bool = False, say: Callable[[str], None] = print, graph_format: str = "onnx") -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then
     renamed). Prints its stages through `say`; third-party output and warnings are hidden
-    unless `verbose`."""
+    unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile targets)."""
     out = Path(out)
     if dtype not in ("float32", "float16"):
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
+    if graph_format not in ("onnx", "ort"):
+        raise OrtzoError(f"unsupported graph format {graph_format!r}; choose onnx or ort")
+    stages = STAGES + (graph_format == "ort")
     if out.exists() and not out.is_dir():
         raise OrtzoError(f"{out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
@@ -51,17 +55,23 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp") as tmp:
         tmp = Path(tmp)
         what = "dequantizing the GGUF to fp32" if source.kind == "gguf" else "reading the weights"
-        with _stage(say, 1, f"loading {source.location} ({what})"), quiet():
+        with _stage(say, stages, 1, f"loading {source.location} ({what})"), quiet():
             hf_dir = load_to_folder(source, tmp / "hf")
-        with _stage(say, 2, f"tracing the graph with Optimum (opset {opset})"), quiet():
+        with _stage(say, stages, 2, f"tracing the graph with Optimum (opset {opset})"), quiet():
             graph = optimum_export(hf_dir, tmp / "onnx", opset)
         build = tmp / "trainable"
         build.mkdir()
-        with _stage(say, 3, "writing the tokenizer"), quiet():
+        with _stage(say, stages, 3, "writing the tokenizer"), quiet():
             tok = export_tokenizer(source, hf_dir, build)
-        with _stage(say, 4, f"moving the weights to inputs ({dtype}) and adding the scoring head"), quiet():
+        with _stage(say, stages, 4, f"moving the weights to inputs ({dtype}) and adding the scoring head"), quiet():
             manifest = convert(graph, hf_dir, build, tok, dtype=dtype,
                                source={"model": model, "kind": source.kind, "location": source.location})
+            from ..logits import write_logits_graph  # here: model.logits imports this package's head
+
+            manifest = write_logits_graph(build)
+        if graph_format == "ort":
+            with _stage(say, stages, 5, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
+                manifest = add_ort_graph(build, manifest)
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)
@@ -69,11 +79,11 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
 
 
 @contextmanager
-def _stage(say: Callable[[str], None], n: int, text: str) -> Iterator[None]:
-    say(f"[{n}/{STAGES}] {text} ...")
+def _stage(say: Callable[[str], None], stages: int, n: int, text: str) -> Iterator[None]:
+    say(f"[{n}/{stages}] {text} ...")
     t = time.perf_counter()
     yield
-    say(f"[{n}/{STAGES}] done in {time.perf_counter() - t:.1f} s")
+    say(f"[{n}/{stages}] done in {time.perf_counter() - t:.1f} s")
 
 
 @contextmanager

@@ -33,8 +33,6 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     where it is used, so compute stays fp32 on every provider (on CPU the casts cost more
     memory than fp16 saves: the README has the figures)."""
     import onnx
-    from onnx import helper, numpy_helper
-    from onnx.external_data_helper import load_external_data_for_model
     from transformers import AutoConfig
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -44,35 +42,7 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     names = _parameter_initializers(g, torch_params)
     transposed = _fold_transposes(g, names)
 
-    params: list[Parameter] = []
-    keep = []
-    offset = 0
-    h = hashlib.sha256()
-    base = str(onnx_path.parent)
-    with atomic_open(out / WEIGHTS, "wb") as f:
-        for init in g.initializer:
-            if init.name not in names:
-                keep.append(init)
-                continue
-            arr = numpy_helper.to_array(init, base)
-            flip = init.name in transposed
-            start = aligned(offset)
-            pad = b"\0" * (start - offset)
-            f.write(pad)
-            h.update(pad)
-            offset = start + _write(f, h, arr.T if flip else arr, dtype)
-            params.append(Parameter(names[init.name], arr.shape[::-1] if flip else arr.shape, dtype, start, flip))
-            del arr
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    # What remains external is small (graph constants, Constant nodes): pull it into the graph.
-    load_external_data_for_model(model, base)
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in names:
-                node.input[i] = names[name]
-    for p in params:
-        g.input.append(helper.make_tensor_value_info(p.name, onnx.TensorProto.FLOAT, list(p.shape)))
+    params, sha256, offset = weights_to_inputs(model, names, out / WEIGHTS, onnx_path.parent, dtype, transposed)
     add_scoring_head(g)
     _prune(g)
     if dtype == "float16":
@@ -84,11 +54,57 @@ def convert(onnx_path: Path, hf_dir: Path, out: Path, tokenizer: dict[str, Any],
     hf_config.pop("_name_or_path", None)  # the temporary folder it was read from
     write_json(out / HF_CONFIG, hf_config)
     inputs = tuple(i.name for i in g.input if i.name in DATA_INPUTS)
-    manifest = Manifest(graph=GRAPH, weights=WEIGHTS, weights_sha256=h.hexdigest(), weights_bytes=offset,
+    manifest = Manifest(graph=GRAPH, weights=WEIGHTS, weights_sha256=sha256, weights_bytes=offset,
                         parameters=tuple(params), inputs=inputs, outputs=(OUTPUT,), tokenizer=tokenizer,
                         tied=torch_params.tied, source=source | {"architecture": (config.architectures or ["?"])[0]})
     manifest.save(out)
     return manifest
+
+
+def weights_to_inputs(model, names: dict[str, str], path: Path, base: Path, dtype: str | None = None,
+                      transposed: set[str] = frozenset()) -> tuple[list[Parameter], str, int]:
+    """Move the initializers `names` maps (initializer name -> parameter name) out of `model`
+    into the flat weight file `path` and make them graph inputs under their parameter names.
+
+    Streamed in graph order, one tensor in memory at a time, each 64-byte aligned, as `dtype`
+    (default: its own), those in `transposed` stored transposed. What stays external (`base`
+    is its folder) is small and is pulled into the graph. Returns the parameters, the file's
+    sha256 and its size."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
+
+    g = model.graph
+    params: list[Parameter] = []
+    keep = []
+    offset = 0
+    h = hashlib.sha256()
+    with atomic_open(path, "wb") as f:
+        for init in g.initializer:
+            if init.name not in names:
+                keep.append(init)
+                continue
+            arr = numpy_helper.to_array(init, str(base))
+            flip = init.name in transposed
+            kind = dtype or arr.dtype.name
+            start = aligned(offset)
+            pad = b"\0" * (start - offset)
+            f.write(pad)
+            h.update(pad)
+            offset = start + _write(f, h, arr.T if flip else arr, kind)
+            params.append(Parameter(names[init.name], arr.shape[::-1] if flip else arr.shape, kind, start, flip))
+            del arr
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    load_external_data_for_model(model, str(base))
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+    for p in params:
+        g.input.append(helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.dtype(p.dtype)),
+                                                     list(p.shape)))
+    return params, h.hexdigest(), offset
 
 
 def _parameter_initializers(g, torch_params: TorchParameters) -> dict[str, str]:

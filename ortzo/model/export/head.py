@@ -1,11 +1,43 @@
 """The scoring head that replaces full-vocabulary logits: log-probabilities of candidate ids
-at chosen rows only, so a step never computes [batch, seq, vocab] logits."""
+at chosen rows only, so a step never computes [batch, seq, vocab] logits.
+
+`LmHead` is what the head reads (the final hidden state, the lm-head weight) and how it
+projects rows to logits; `lm_head` reads it back from a trainable graph, so that the
+full-logits graph (model/logits.py) projects exactly as the head does."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ...errors import OrtzoError
 
 OUTPUT = "scores"
 INPUTS = ("score_index", "score_ids")
+FLAT_SHAPE = "ortzo/flat_shape"
+FLATTEN, SELECT, LM_HEAD = "ortzo/flatten", "ortzo/select", "ortzo/lm_head"
+LOG_SOFTMAX, PICK = "ortzo/log_softmax", "ortzo/pick"
+NODES = (FLATTEN, SELECT, LM_HEAD, LOG_SOFTMAX, PICK)  # not the fp16 casts, also named ortzo/...
+
+
+@dataclass(frozen=True)
+class LmHead:
+    """`hidden`: the final hidden state [batch, seq, hidden_size]; `weight`: the lm-head weight
+    as the graph reads it (an fp16 folder's fp32 cast), [hidden_size, vocab], or [vocab,
+    hidden_size] if `transposed` (a tied embedding, which keeps its layout for its Gather)."""
+
+    hidden: str
+    weight: str
+    transposed: bool
+    hidden_size: int
+
+    def project(self, rows: str, out: str, name: str):  # -> onnx.NodeProto
+        """rows [n, hidden_size] -> logits [n, vocab]. A transposed weight is read through
+        Gemm's transB: no Transpose node to run at every forward (weights are inputs, never
+        constant-folded), and providers that reject a MatMul with B an input take it."""
+        from onnx import helper
+
+        if self.transposed:
+            return helper.make_node("Gemm", [rows, self.weight], [out], transB=1, name=name)
+        return helper.make_node("MatMul", [rows, self.weight], [out], name=name)
 
 
 def add_scoring_head(g) -> None:
@@ -21,22 +53,32 @@ def add_scoring_head(g) -> None:
     weights = {i.name: i for i in g.input}
     if trans is not None and trans.op_type == "Transpose":
         src = trans.input[0]
-        hsize = weights[src].type.tensor_type.shape.dim[1].dim_value
-        head = helper.make_node("Gemm", ["ortzo/selected", src], ["ortzo/logits"], transB=1, name="ortzo/lm_head")
+        head = LmHead(hidden, src, True, weights[src].type.tensor_type.shape.dim[1].dim_value)
     else:
-        hsize = weights[w].type.tensor_type.shape.dim[0].dim_value
-        head = helper.make_node("MatMul", ["ortzo/selected", w], ["ortzo/logits"], name="ortzo/lm_head")
-    g.initializer.append(helper.make_tensor("ortzo/flat_shape", TensorProto.INT64, [2], [-1, hsize]))
+        head = LmHead(hidden, w, False, weights[w].type.tensor_type.shape.dim[0].dim_value)
+    g.initializer.append(helper.make_tensor(FLAT_SHAPE, TensorProto.INT64, [2], [-1, head.hidden_size]))
     g.node.remove(producer)
     g.node.extend([
-        helper.make_node("Reshape", [hidden, "ortzo/flat_shape"], ["ortzo/flat_hidden"], name="ortzo/flatten"),
-        helper.make_node("Gather", ["ortzo/flat_hidden", INPUTS[0]], ["ortzo/selected"], axis=0, name="ortzo/select"),
-        head,
-        helper.make_node("LogSoftmax", ["ortzo/logits"], ["ortzo/logprobs"], axis=-1, name="ortzo/log_softmax"),
-        helper.make_node("GatherElements", ["ortzo/logprobs", INPUTS[1]], [OUTPUT], axis=1, name="ortzo/pick"),
+        helper.make_node("Reshape", [hidden, FLAT_SHAPE], ["ortzo/flat_hidden"], name=FLATTEN),
+        helper.make_node("Gather", ["ortzo/flat_hidden", INPUTS[0]], ["ortzo/selected"], axis=0, name=SELECT),
+        head.project("ortzo/selected", "ortzo/logits", LM_HEAD),
+        helper.make_node("LogSoftmax", ["ortzo/logits"], ["ortzo/logprobs"], axis=-1, name=LOG_SOFTMAX),
+        helper.make_node("GatherElements", ["ortzo/logprobs", INPUTS[1]], [OUTPUT], axis=1, name=PICK),
     ])
     g.input.extend([helper.make_tensor_value_info(INPUTS[0], TensorProto.INT64, ["n_scored"]),
                     helper.make_tensor_value_info(INPUTS[1], TensorProto.INT64, ["n_scored", "n_candidates"])])
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["n_scored", "n_candidates"]))
 
+
+def lm_head(g) -> LmHead:
+    """The head of a trainable graph, read back from its scoring head's nodes."""
+    from onnx import numpy_helper
+
+    nodes = {n.name: n for n in g.node if n.name in (FLATTEN, LM_HEAD)}
+    shape = next((i for i in g.initializer if i.name == FLAT_SHAPE), None)
+    if len(nodes) < 2 or shape is None:
+        raise OrtzoError("the graph has no ortzo scoring head (not written by `ortzo export`)")
+    head = nodes[LM_HEAD]
+    return LmHead(nodes[FLATTEN].input[0], head.input[1], head.op_type == "Gemm",
+                  int(numpy_helper.to_array(shape)[1]))

@@ -1,0 +1,129 @@
+"""A trainable folder's weights as a standard ONNX model that plain onnxruntime and Optimum's
+`ORTModelForCausalLM.from_pretrained(out, use_cache=False)` load and generate with:
+
+    model.onnx              the full-logits graph (model.logits), every weight an initializer
+    model.onnx_data         the weights, in the graph's layout (Linear weights [in, out])
+    config.json             the model's Hugging Face config (without it Optimum re-exports)
+    generation_config.json  its start, end and padding tokens
+    tokenizer.json          the folder's tokenizer, adding the start token exactly when ortzo
+    tokenizer_config.json   does; with the special tokens AutoTokenizer needs
+
+The weights always go to the external data file, whatever the model's size: one code path
+for every model (a graph with its weights inside cannot pass protobuf's 2 GB, and a size
+threshold would leave that path untested by small models), written one tensor at a time (no
+second copy of all weights in memory), large tensors aligned so ORT can memory-map them, and
+laid out as Optimum expects (`<file>_data`). The model is built beside `out` and renamed into
+place; nothing it reads is changed. Which weights (a folder's, a run's at some step) is the
+recipe's business (recipes/bake.py).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import OrtzoError
+from ..files import TMP_SUFFIX, atomic_open, fsync_dir, write_json
+from .logits import logits_graph
+from .manifest import ALIGN, hf_config
+from .weights import WeightStore
+
+if TYPE_CHECKING:
+    import onnx
+
+MODEL = "model.onnx"
+DATA = "model.onnx_data"
+MAP_ALIGN, MAP_THRESHOLD = 1 << 16, 1 << 20  # tensors of 1 MiB or more start on 64 KiB (every OS's mmap
+# granularity), so ORT can map them in place; smaller ones only at ALIGN (ORT's own writer aligns none)
+
+
+def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False,
+                reads: tuple[Path, ...] = (), say: Callable[[str], None] = print) -> None:
+    """Bake `store` (weights of the trainable folder `folder`) into the model folder `out`;
+    `reads`: more paths `out` must not replace."""
+    if out.exists() and not out.is_dir():
+        raise OrtzoError(f"{out} is a file")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
+    for read in {folder, *reads}:
+        if out.resolve() == read.resolve() or out.resolve() in read.resolve().parents:
+            raise OrtzoError(f"--out {out} would replace {read}, which bake reads; choose another --out")
+    manifest, config = store.manifest, hf_config(folder)
+    graph = logits_graph(folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX) as tmp:
+        build = Path(tmp) / "baked"
+        build.mkdir()
+        _write_model(graph, store, build)
+        write_json(build / "config.json", config)
+        write_json(build / "generation_config.json", _generation(config, manifest.tokenizer))
+        if manifest.tokenizer:
+            _write_tokenizer(folder, manifest.tokenizer, config, build)
+        else:
+            say(f"note: {folder} has no tokenizer; the baked model has none either")
+        if out.exists():
+            shutil.rmtree(out)
+        build.rename(out)
+    fsync_dir(out.parent)
+
+
+
+def _write_model(graph: onnx.ModelProto, store: WeightStore, out: Path) -> None:
+    """The graph with each weight input made an initializer whose data lies in DATA, in the
+    graph's layout (a PyTorch engine's store is flipped back on the way out)."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    g = graph.graph
+    inputs = [i for i in g.input if i.name not in store.arrays]
+    del g.input[:]
+    g.input.extend(inputs)
+    with atomic_open(out / DATA, "wb") as f:
+        for p in store.manifest.parameters:
+            a = store.arrays[p.name]
+            t = numpy_helper.from_array(a.T if p.name in store.flipped else a, p.name)
+            align = MAP_ALIGN if len(t.raw_data) >= MAP_THRESHOLD else ALIGN
+            offset = -(-f.tell() // align) * align
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(t.raw_data)
+            set_external_data(t, DATA, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+            g.initializer.append(t)
+    with atomic_open(out / MODEL, "wb") as f:
+        f.write(graph.SerializeToString())
+
+
+def _generation(config: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, Any]:
+    """Start, end and padding tokens for generate(); padding as ortzo pads (the end token
+    where the model has no padding token), so generate() need not guess."""
+    pad = config.get("pad_token_id")
+    ids = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),
+           "pad_token_id": pad if pad is not None else tokenizer.get("pad_id")}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _write_tokenizer(folder: Path, info: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    """tokenizer.json, encoding as ortzo's tokenizer does (the start token iff the manifest
+    says so: a tokenizer read from GGUF may add one the model never saw), and the
+    tokenizer_config.json that makes AutoTokenizer load it as a plain fast tokenizer."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(folder / info.get("file", "tokenizer.json")))
+    bos = info.get("bos_id") if info.get("add_bos") else None
+    if tok.encode("a").ids != ([bos] if bos is not None else []) + tok.encode("a", add_special_tokens=False).ids:
+        start = tok.id_to_token(bos) if bos is not None else None
+        tok.post_processor = None if start is None else processors.TemplateProcessing(
+            single=f"{start} $A", special_tokens=[(start, bos)])
+    with atomic_open(out / "tokenizer.json", "w") as f:
+        f.write(tok.to_str())
+    eos = config.get("eos_token_id")
+    ids = {"bos_token": info.get("bos_id", config.get("bos_token_id")),
+           "eos_token": eos[0] if isinstance(eos, list) else eos, "pad_token": info.get("pad_id"),
+           "unk_token": config.get("unk_token_id")}
+    names = {k: tok.id_to_token(int(i)) for k, i in ids.items() if i is not None}
+    write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                               "model_input_names": ["input_ids", "attention_mask"],
+                                               "clean_up_tokenization_spaces": False,
+                                               **{k: v for k, v in names.items() if v is not None}})

@@ -1,0 +1,146 @@
+"""The public API an app imports (`import ortzo`): inference and in-place fine-tuning on one
+set of bound buffers, against values the tests compute themselves."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ortzo
+from ortzo.errors import OrtzoError
+from ortzo.optim.directions import Directions
+from ortzo.optim.mezo import replay
+
+
+def _rows(data, split="train"):
+    return [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_run_serves_the_graph_and_ignores_extra_keys(tiny_model, tiny_data):
+    from conftest import open_folder
+
+    model = ortzo.open(tiny_model)
+    clf = model.classifier("sst2")
+    batch = clf.batch(_rows(tiny_data)[:4])
+    out = model.run({**batch.feeds, "labels": batch.labels})
+    assert list(out) == ["scores"] and out["scores"].shape == (4, 2)
+    _, session = open_folder(tiny_model)
+    np.testing.assert_array_equal(out["scores"], session(batch.feeds))
+    with pytest.raises(OrtzoError, match="missing graph inputs score_index, score_ids"):
+        model.run({k: v for k, v in batch.feeds.items() if not k.startswith("score")})
+
+
+def test_step_is_the_spsa_update_the_test_computes(tiny_model, tiny_data):
+    """w1 = w0 - lr * (L(w0 + eps z) - L(w0 - eps z)) / (2 eps) * z, with L evaluated here on
+    a second session over weights the test sets itself."""
+    from conftest import open_folder
+
+    model = ortzo.open(tiny_model).train(include=["model.layers.0.*"], lr=1e-2, eps=1e-2, seed=5)
+    clf = model.classifier("sst2")
+    batch = clf.batch(_rows(tiny_data)[:8])
+    names = model.names
+    w0 = {n: model.store.arrays[n].copy() for n in names}
+    record = model.step(batch.feeds, lambda out: clf.loss(out, batch))
+
+    z = Directions("rademacher-counter").sample([w0[n].shape for n in names], record.seed)
+    store, session = open_folder(tiny_model)
+
+    def loss_at(sign: float) -> float:
+        for n, zi in zip(names, z):
+            store.arrays[n][...] = w0[n] + np.float32(sign * 1e-2) * zi
+        scores = session(batch.feeds).astype(np.float64)
+        logp = scores - np.log(np.exp(scores).sum(1, keepdims=True))
+        return float(-logp[np.arange(8), batch.labels].mean())
+
+    g = (loss_at(1) - loss_at(-1)) / 2e-2
+    assert record.grads[0] == pytest.approx(g, rel=1e-4, abs=1e-6) and abs(g) > 1e-4
+    for n, zi in zip(names, z):
+        np.testing.assert_allclose(model.store.arrays[n], w0[n] - 1e-2 * g * zi, rtol=0, atol=2e-6)
+    assert len(model.records) == 1
+
+
+def test_fit_learns_and_its_records_replay_exactly(tiny_model, tiny_data):
+    model = ortzo.open(tiny_model).train(lr=1e-2, eps=1e-2, seed=1, clip=1.0)
+    clf = model.classifier("sst2")
+    train, val = _rows(tiny_data), _rows(tiny_data, "validation")
+    before = clf.evaluate(val)
+    initial = model.store.buffer.copy()
+    records = model.fit(clf.batches(train, 8), clf.loss, steps=60, progress=False)
+    assert len(records) == 60 and [r.step for r in records] == list(range(60))
+    after = clf.evaluate(val)
+    assert after["accuracy"] >= before["accuracy"] + 0.25 and after["loss"] < before["loss"] - 0.1, (before, after)
+    assert clf.accuracy(val) == after["accuracy"]
+    assert np.array_equal(clf.predict(val[:8]), model.run(clf.batch(val[:8]).feeds)["scores"].argmax(1))
+
+    fresh = ortzo.open(tiny_model)
+    np.testing.assert_array_equal(fresh.store.buffer, initial)
+    replay(fresh.store.trainable(list(fresh.store.arrays)), records, Directions("rademacher-counter"))
+    np.testing.assert_array_equal(fresh.store.buffer, model.store.buffer)
+
+
+def test_save_restore_round_trip_and_a_bad_file_changes_nothing(tiny_model, tiny_data, tmp_path):
+    model = ortzo.open(tiny_model).train(lr=5e-3, seed=2)
+    clf = model.classifier("sst2")
+    batches = clf.batches(_rows(tiny_data), 8)
+    model.fit(batches, clf.loss, steps=3, progress=False)
+    saved = model.store.buffer.copy()
+    sha = model.save(tmp_path / "tuned.bin")
+    model.fit(batches, clf.loss, steps=3, progress=False)
+    assert not np.array_equal(model.store.buffer, saved)
+    later = model.store.buffer.copy()
+
+    (tmp_path / "bad.bin").write_bytes(b"\0" * model.manifest.weights_bytes)
+    with pytest.raises(OrtzoError, match="checksum mismatch"):
+        model.restore(tmp_path / "bad.bin", sha)
+    with pytest.raises(OrtzoError, match="has 3 bytes"):
+        (tmp_path / "short.bin").write_bytes(b"abc")
+        model.restore(tmp_path / "short.bin")
+    np.testing.assert_array_equal(model.store.buffer, later)
+
+    ptr = model.session.weight_ptr(model.names[0])
+    model.restore(tmp_path / "tuned.bin", sha)
+    np.testing.assert_array_equal(model.store.buffer, saved)
+    assert model.session.weight_ptr(model.names[0]) == ptr  # the same bound buffer: no rebinding
+    reopened = ortzo.open(tiny_model, weights=tmp_path / "tuned.bin", sha256=sha)
+    feeds = clf.batch(_rows(tiny_data)[:4]).feeds
+    np.testing.assert_array_equal(reopened.run(feeds)["scores"], model.run(feeds)["scores"])
+
+
+def test_fp16_folder_restores_into_its_masters(tiny_model_fp16, tiny_data, tmp_path):
+    model = ortzo.open(tiny_model_fp16).train(include=["model.norm.weight"], lr=1e-1, seed=3)
+    clf = model.classifier("sst2")
+    sha = model.save(tmp_path / "w.bin")
+    before = model.buffers[0].copy()
+    model.fit(clf.batches(_rows(tiny_data), 8), clf.loss, steps=2, progress=False)
+    assert not np.array_equal(model.buffers[0], before)
+    model.restore(tmp_path / "w.bin", sha)
+    np.testing.assert_array_equal(model.buffers[0], before.astype(np.float16).astype(np.float32))
+
+
+def test_bad_settings_and_folders(tiny_model, tmp_path):
+    with pytest.raises(OrtzoError, match="model folder not found"):
+        ortzo.open(tmp_path / "none")
+    with pytest.raises(OrtzoError, match="bad MeZO settings"):
+        ortzo.open(tiny_model).train(eps=0)
+    with pytest.raises(OrtzoError, match="no parameter matches"):
+        ortzo.open(tiny_model).train(include=["nothing.*"])
+    with pytest.raises(OrtzoError, match="unknown target/provider"):
+        ortzo.open(tiny_model, provider="tpu")
+
+
+def test_the_api_never_imports_torch(tiny_model, tiny_data):
+    code = f"""
+import sys, json
+sys.modules["torch"] = None  # importing torch now fails
+import ortzo
+model = ortzo.open({str(tiny_model)!r}).train(lr=1e-3)
+clf = model.classifier("sst2")
+rows = [json.loads(l) for l in open({str(tiny_data / 'train.jsonl')!r})][:16]
+model.fit(clf.batches(rows, 8), clf.loss, steps=2, progress=False)
+print(clf.accuracy(rows))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

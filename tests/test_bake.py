@@ -1,0 +1,286 @@
+"""`ortzo bake` and the full-logits graph: the baked model computes the trainable graph's
+scores as full logits, with a run's fine-tuned weights, loads in plain onnxruntime and in
+Optimum, generates, and a bad input is one line that leaves everything as it was."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ortzo.cli import main
+from ortzo.model.bake import DATA, MODEL
+from ortzo.recipes.bake import bake
+from ortzo.model.logits import LOGITS
+from ortzo.model.manifest import MANIFEST, Manifest
+from ortzo.model.tokenizer import Tokenizer
+from ortzo.model.weights import WeightStore
+from ortzo.run import checkpoint
+from ortzo.tasks.batches import collate
+
+from conftest import open_folder
+from tiny import make_tiny_llama
+
+TRAIN = ["--task", "sst2", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6", "--checkpoint-every", "4",
+         "--train-examples", "48", "--eval-examples", "8"]
+PROMPT = "the film was great and the plot"
+ENGINES = ("ort", "torch-mezo")
+
+
+@pytest.fixture(scope="module")
+def untied_fp16(tmp_path_factory) -> Path:
+    """An untied head (MatMul with the [hidden, vocab] lm_head) read through an fp16 cast."""
+    from ortzo.model.export import export_model
+
+    root = tmp_path_factory.mktemp("untied")
+    out = root / "out"
+    export_model(str(make_tiny_llama(root / "hf", seed=1, tie=False)), out, dtype="float16", say=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """A 6-step run of each MeZO engine (torch-mezo keeps its store in PyTorch's layout),
+    checkpoints at steps 4 and 6."""
+    root = tmp_path_factory.mktemp("runs")
+    for engine in ENGINES:
+        assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(root / engine),
+                     "--steps", "6", "--engine", engine, *TRAIN]) == 0
+    return {engine: root / engine for engine in ENGINES}
+
+
+def _feeds() -> dict[str, np.ndarray]:
+    """A ragged left-padded batch with every real position scored against random candidates."""
+    rng = np.random.default_rng(0)
+    feeds = collate([list(rng.integers(2, 300, size=n)) for n in (5, 9, 2)], 1, np.array([0]))
+    feeds["score_index"] = np.flatnonzero(feeds["attention_mask"])
+    feeds["score_ids"] = rng.integers(0, 320, size=(len(feeds["score_index"]), 3))
+    return feeds
+
+
+def _baked_logits(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(str(out / MODEL), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "position_ids"}
+    return session.run(["logits"], {k: feeds[k] for k in ("input_ids", "attention_mask", "position_ids")})[0]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def _baked_weights(out: Path) -> dict[str, np.ndarray]:
+    """Every initializer of the baked model (the weights, and the graph's own constants)."""
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / MODEL)).graph.initializer}
+
+
+def _snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_model_fp16", "untied_fp16"])
+def test_baked_logits_are_the_scoring_heads_log_probs(model, request, tmp_path):
+    folder = request.getfixturevalue(model)
+    bake(folder, tmp_path / "baked", say=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "baked").iterdir()) == [
+        "config.json", "generation_config.json", MODEL, DATA, "tokenizer.json", "tokenizer_config.json"]
+    feeds = _feeds()
+    logits = _baked_logits(tmp_path / "baked", feeds)
+    b, s = feeds["input_ids"].shape
+    assert logits.shape == (b, s, 320) and logits.dtype == np.float32
+    store, session = open_folder(folder)
+    rows = _log_softmax(logits).reshape(b * s, -1)[feeds["score_index"]]
+    want = np.take_along_axis(rows, feeds["score_ids"], 1)
+    np.testing.assert_allclose(session(feeds), want, rtol=0, atol=1e-5)
+    weights = _baked_weights(tmp_path / "baked")  # the folder's own weights, in its layout and dtype
+    assert store.arrays.keys() <= weights.keys()
+    for name, a in store.arrays.items():
+        assert weights[name].dtype == a.dtype and np.array_equal(weights[name], a), name
+
+
+def test_baked_logits_equal_pytorch(tiny_hf, tiny_model, tmp_path):
+    bake(tiny_model, tmp_path / "baked", say=lambda _: None)
+    feeds = _feeds()
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(**{k: torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    got = _baked_logits(tmp_path / "baked", feeds)
+    real = feeds["attention_mask"].astype(bool)  # padded positions are not the model's
+    np.testing.assert_allclose(got[real], want.numpy()[real], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_model_fp16", "untied_fp16"])
+def test_logits_graph_bound_to_the_store_is_the_baked_model(model, request, tmp_path):
+    """logits.onnx takes model.onnx's weight inputs, bound zero-copy to the store's arrays."""
+    folder = request.getfixturevalue(model)
+    m = Manifest.load(folder)
+    assert m.logits_graph == LOGITS
+    graph, trainable = (onnx.load(str(folder / f)).graph for f in (LOGITS, m.graph))
+    weights = {i.name: i.type for i in trainable.input if i.name in {p.name for p in m.parameters}}
+    assert {i.name: i.type for i in graph.input if i.name in weights} == weights
+    assert not {t.name for t in graph.initializer} & weights.keys()  # weight-free
+    store = WeightStore.load(folder, m)
+    session = ort.InferenceSession(str(folder / LOGITS), providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in store.arrays.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+        assert value.data_ptr() == store.arrays[name].ctypes.data
+    feeds = _feeds()
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        binding.bind_cpu_input(name, feeds[name])
+    binding.bind_output("logits")
+    session.run_with_iobinding(binding)
+    bake(folder, tmp_path / "baked", say=lambda _: None)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], _baked_logits(tmp_path / "baked", feeds),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_run_bakes_its_fine_tuned_weights(engine, runs, tiny_model, tmp_path):
+    run = runs[engine]
+    before = _snapshot(run)
+    bake(run, tmp_path / "final", say=lambda _: None)
+    bake(run, tmp_path / "step5", step=5, say=lambda _: None)  # checkpoint 4, then one step replayed
+    assert _snapshot(run) == before  # read only
+    m = Manifest.load(tiny_model)
+    meta = json.loads((run / checkpoint.DIR / checkpoint.name(6) / checkpoint.META).read_text())
+    final = WeightStore.load(tiny_model, m, run / checkpoint.DIR / checkpoint.name(6) / checkpoint.WEIGHTS,
+                             meta["sha256"]).arrays
+    original = WeightStore.load(tiny_model, m).arrays
+    baked = _baked_weights(tmp_path / "final")
+    assert all(np.array_equal(baked[n], a) for n, a in final.items())
+    assert not np.array_equal(baked["model.layers.0.self_attn.q_proj.weight"],
+                              original["model.layers.0.self_attn.q_proj.weight"])
+    feeds = _feeds()
+    _, session = open_folder(tiny_model, run / checkpoint.DIR / checkpoint.name(6) / checkpoint.WEIGHTS,
+                             meta["sha256"])
+    rows = _log_softmax(_baked_logits(tmp_path / "final", feeds)).reshape(-1, 320)[feeds["score_index"]]
+    np.testing.assert_allclose(session(feeds), np.take_along_axis(rows, feeds["score_ids"], 1), rtol=0, atol=1e-5)
+    step5 = _baked_weights(tmp_path / "step5")
+    changed = [n for n in final if not np.array_equal(step5[n], final[n])]
+    assert changed and any(not np.array_equal(step5[n], original[n]) for n in changed)
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_model_fp16"])
+def test_a_replayed_step_equals_a_run_that_stopped_there(model, request, tiny_data, tmp_path):
+    """bake --step 5 replays step 5 after checkpoint 4 (an fp16 folder's on its fp32 masters):
+    the weights of a 5-step run, exactly."""
+    folder = request.getfixturevalue(model)
+    for steps in (6, 5):
+        assert main(["finetune", str(folder), "--data", str(tiny_data), "--out", str(tmp_path / str(steps)),
+                     "--steps", str(steps), "--schedule-steps", "6", *TRAIN]) == 0
+    bake(tmp_path / "6", tmp_path / "step5", step=5, say=lambda _: None)
+    bake(tmp_path / "5", tmp_path / "short5", say=lambda _: None)
+    a, b = _baked_weights(tmp_path / "step5"), _baked_weights(tmp_path / "short5")
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_optimum_generates_what_an_argmax_loop_over_the_baked_model_does(tiny_model, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = tmp_path / "baked"
+    bake(tiny_model, out, say=lambda _: None)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    assert ids["input_ids"][0].tolist() == Tokenizer(tiny_model, Manifest.load(tiny_model).tokenizer).encode(PROMPT)
+    model = ORTModelForCausalLM.from_pretrained(out, use_cache=False)
+    generated = model.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist()
+    session = ort.InferenceSession(str(out / MODEL), providers=["CPUExecutionProvider"])
+    tokens, eos = ids["input_ids"][0].tolist(), json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    for _ in range(8):
+        x = np.array([tokens])
+        logits = session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x),
+                                          "position_ids": np.arange(x.shape[1])[None]})[0]
+        tokens.append(int(logits[0, -1].argmax()))
+        if tokens[-1] == eos:
+            break
+    assert generated == tokens
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_the_baked_tokenizer_encodes_as_ortzo_does(add_bos, tiny_model, tmp_path):
+    """A tokenizer read from GGUF may add a start token the model never saw (SmolLM2's does);
+    the baked one adds it exactly when the manifest says so."""
+    from tokenizers import Tokenizer as Backend, processors
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    d = json.loads((folder / MANIFEST).read_text())
+    d["tokenizer"]["add_bos"] = add_bos
+    (folder / MANIFEST).write_text(json.dumps(d))
+    if not add_bos:  # the folder's tokenizer adds <s> by itself
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        backend.save(str(folder / "tokenizer.json"))
+    bake(folder, tmp_path / "baked", say=lambda _: None)
+    got = AutoTokenizer.from_pretrained(tmp_path / "baked")(PROMPT)["input_ids"]
+    want = Tokenizer(folder, d["tokenizer"]).encode(PROMPT)
+    assert got == want and (want[0] == 0) == add_bos
+
+
+def test_an_old_folder_without_a_logits_graph_bakes_and_is_left_alone(tiny_model, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_model, folder)
+    (folder / LOGITS).unlink()
+    d = json.loads((folder / MANIFEST).read_text())
+    del d["logits_graph"]
+    (folder / MANIFEST).write_text(json.dumps(d))
+    assert Manifest.load(folder).logits_graph is None
+    before = _snapshot(folder)
+    assert main(["bake", str(folder), "--out", str(tmp_path / "baked")]) == 0
+    assert _snapshot(folder) == before
+    assert (tmp_path / "baked" / DATA).stat().st_size > 0
+
+
+def test_force_replaces_a_non_empty_out(tiny_model, tmp_path):
+    out = tmp_path / "baked"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(["bake", str(tiny_model), "--out", str(out), "--force"]) == 0
+    assert not (out / "old.txt").exists() and (out / MODEL).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked"]  # no temporary folder left
+
+
+def _expect_error(capsys, argv, message):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ortzo: error: ") and message in err, err
+
+
+def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, capsys):
+    out = tmp_path / "baked"
+    _expect_error(capsys, ["bake", str(tmp_path / "nope"), "--out", str(out)], "neither a trainable model folder")
+    _expect_error(capsys, ["bake", str(tiny_model), "--out", str(out), "--step", "2"], "--step needs a run folder")
+    _expect_error(capsys, ["bake", str(tiny_model)], "missing setting 'out'")
+    _expect_error(capsys, ["bake", str(runs["ort"]), "--out", str(out), "--step", "7"], "cannot restore step 7")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, corrupt)
+    (corrupt / MANIFEST).write_text("{not json")
+    before = _snapshot(corrupt)
+    _expect_error(capsys, ["bake", str(corrupt), "--out", str(out)], "corrupt manifest")
+    assert _snapshot(corrupt) == before
+    headless = tmp_path / "headless"  # e.g. a folder `ortzo prepare` made of a graph without ortzo's head
+    shutil.copytree(tiny_model, headless)
+    shutil.copy(tiny_model / LOGITS, headless / "model.onnx")
+    _expect_error(capsys, ["bake", str(headless), "--out", str(out)], "no ortzo scoring head")
+    assert not out.exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    _expect_error(capsys, ["bake", str(tiny_model), "--out", str(out)], "not empty")
+    assert (out / "mine.txt").read_text() == "precious"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    before = _snapshot(model)
+    for target in (model, tmp_path):  # --force never replaces what bake reads
+        _expect_error(capsys, ["bake", str(model), "--out", str(target), "--force"], "which bake reads")
+    assert _snapshot(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "corrupt", "headless", "model"]
