@@ -4,7 +4,8 @@ it in place, save it. Importable as `ortzo.open`, `ortzo.Model`.
 One `Model` is one weight store bound once into the session (and into the full-logits
 session, when an app generates text): inference and MeZO steps read and change the same
 buffers, so fine-tuning costs what inference costs in memory. A step is
-`optim.mezo.mezo_step`, its records replay exactly (`optim.mezo.replay`), as in `ortzo finetune`.
+`optim.estimators.estimator_step` (MeZO's or FZOO's), its records replay exactly
+(`optim.mezo.replay`), as in `ortzo finetune`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .model.targets import load_target
 from .model.tokenizer import Tokenizer
 from .model.weights import WeightStore
 from .optim.directions import DEFAULT_KIND
-from .optim.mezo import StepRecord, decay_mask, mezo_step, step_seed
+from .optim.estimators import ESTIMATORS, estimator_step
+from .optim.mezo import StepRecord, decay_mask, step_seed
 from .tasks.batches import Batch, Encoder
 from .tasks.data import Rows, batch_indices
 from .tasks.objective import evaluate, loss as label_loss
@@ -97,25 +99,30 @@ class Model:
 
     def train(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), *, lr: float = 1e-5,
               eps: float = 1e-3, directions: str = DEFAULT_KIND, seed: int = 0, clip: float | None = None,
-              weight_decay: float = 0.0, n_directions: int = 1) -> Model:
-        """What the next steps train (parameter-name globs) and how; returns the model."""
-        if not (lr >= 0 and eps > 0 and n_directions >= 1 and (clip is None or clip > 0)):
-            raise OrtzoError(f"bad MeZO settings: lr={lr}, eps={eps}, clip={clip}, n_directions={n_directions}")
+              weight_decay: float = 0.0, n_directions: int = 1, estimator: str = "mezo") -> Model:
+        """What the next steps train (parameter-name globs) and how (`estimator`: "mezo", or
+        "fzoo" with n_directions >= 2 and no clip); returns the model."""
+        fzoo = estimator == "fzoo"
+        if not (lr >= 0 and eps > 0 and n_directions >= 1 + fzoo and (clip is None or clip > 0 and not fzoo)
+                and estimator in ESTIMATORS):
+            raise OrtzoError(f"bad settings: estimator={estimator}, lr={lr}, eps={eps}, clip={clip}, "
+                             f"n_directions={n_directions}")
         self.names = self.store.select(include, exclude)
         self.buffers, self.directions = trainable_buffers(self.session, self.names, directions,
                                                           self.target.direction_threads)
         self.decay = decay_mask(self.buffers)
         self.settings = dict(lr=lr, eps=eps, seed=seed, clip=clip, weight_decay=weight_decay,
-                             n_directions=n_directions)
+                             n_directions=n_directions, estimator=estimator)
         return self
 
     def step(self, feeds: Feeds, loss: Callable[[Outputs], float]) -> StepRecord:
-        """One MeZO step in place: `loss` maps the graph's outputs to the number to minimise.
+        """One step in place (MeZO's, or FZOO's): `loss` maps the graph's outputs to the number to minimise.
         A non-finite loss leaves the weights as they were and raises FloatingPointError."""
         s, n = self.settings, len(self.records)
-        record = mezo_step(self.buffers, lambda: loss(self.run(feeds)), step=n, seed=step_seed(s["seed"], n),
-                           eps=s["eps"], lr=s["lr"], directions=self.directions, n_directions=s["n_directions"],
-                           clip=s["clip"], weight_decay=s["weight_decay"], decay=self.decay)
+        record = estimator_step(s["estimator"], self.buffers, lambda: loss(self.run(feeds)), step=n,
+                                seed=step_seed(s["seed"], n), eps=s["eps"], lr=s["lr"], directions=self.directions,
+                                n_directions=s["n_directions"], clip=s["clip"], weight_decay=s["weight_decay"],
+                                decay=self.decay)
         self.records.append(record)
         return record
 
@@ -142,9 +149,10 @@ class Model:
         if self.session.device is not None:
             self.session.device.upload()
 
-    def classifier(self, task: str | Task = "sst2", max_length: int = 256) -> Classifier:
-        """Label-word classification with a task's prompts (a built-in name, a .toml spec or a Task)."""
-        return Classifier(self, load_task(task) if isinstance(task, str) else task, max_length)
+    def classifier(self, task: str | Task = "sst2", template: str | None = None, max_length: int = 256) -> Classifier:
+        """Label-word classification with a task's prompts (a built-in name, with one of its
+        named templates, a .toml spec or a Task)."""
+        return Classifier(self, load_task(task, template) if isinstance(task, str) else task, max_length)
 
 
 class Classifier:

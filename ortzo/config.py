@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from .engines.base import ENGINES
 from .errors import OrtzoError
 from .optim.directions import DEFAULT_KIND, KINDS
+from .optim.estimators import ESTIMATORS
 from .model.placement import PROVIDERS
 from .tasks.task import HUB
 
@@ -73,6 +74,8 @@ class RunConfig(Settings):
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
     task: str = setting(..., "built-in task (sst2, sst5, rte, boolq) or a task .toml spec")
+    template: str | None = setting(None, "a built-in task's named prompt: mezo (MeZO's, the default); sst2 and "
+                                   "sst5: review; rte: qa; boolq: passage")
     data: str | None = setting(None, f"folder of <split>.jsonl files, or {HUB}NAME[:CONFIG] for a datasets hub "
                                "name; default: the spec's data, $ORTZO_DATA/<task>, the task's hub dataset")
     train_split: str | None = setting(None, "split to train on: a name (reads <name>.jsonl) or a .jsonl file; "
@@ -92,6 +95,10 @@ class RunConfig(Settings):
                                   ge=0)
     directions: Literal[KINDS] = setting(DEFAULT_KIND, "distribution of the random directions z (rademacher-counter: "
                                          "+-1 signs computed identically on CPU and GPU)")
+    estimator: Literal[ESTIMATORS] = setting("mezo", "mezo: two-sided SPSA, 2 forwards per direction; fzoo: "
+                                                 "one-sided directions sharing one base loss (N + 1 forwards), the "
+                                                 "update divided by the losses' spread (needs --n-directions >= 2, "
+                                                 "no --clip; its lr is far smaller)")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping",
                                  resumable=True, gt=0)
@@ -103,6 +110,9 @@ class RunConfig(Settings):
                                         ge=1)
     dev_examples: int | None = setting(None, "also evaluate on N train-split rows kept out of training", ge=1)
     eval_every: int = setting(100, "evaluate every N steps (and at the last)", resumable=True, ge=1)
+    eval_subset: int | None = setting(None, "evaluate on a fixed sample of N evaluation rows on the schedule, "
+                                      "the whole evaluation set at step 0 and at the end; none: always the whole",
+                                      resumable=True, ge=1)
     eval_batch_size: int = setting(16, "examples per evaluation batch", resumable=True, ge=1)
     checkpoint_every: int = setting(500, "save the weights every N steps (and at the last)", resumable=True, ge=1)
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", resumable=True, ge=1)
@@ -129,8 +139,15 @@ class RunConfig(Settings):
         fields = type(self).model_fields
         ignored = {"ort": ("optimizer", "momentum", "checkpoint_fraction"),
                    "torch-mezo": ("optimizer", "momentum", "checkpoint_fraction", "directions", "n_directions",
-                                  "clip"),
-                   "torch-bp": ("eps", "directions", "n_directions", "clip")}[self.engine]
+                                  "clip", "estimator"),
+                   "torch-bp": ("eps", "directions", "n_directions", "clip", "estimator")}[self.engine]
+        if self.estimator == "fzoo":
+            if self.clip is not None:
+                raise ValueError("--clip: not used by --estimator fzoo (its update is normalized by the losses' "
+                                 "spread)")
+            if self.n_directions < 2:
+                raise ValueError("--estimator fzoo needs --n-directions of 2 or more (the spread of their losses "
+                                 "normalizes the step)")
         if self.optimizer != "momentum":
             ignored += ("momentum",)
         if self.target != "cpu" and self.engine != "ort":
@@ -182,6 +199,7 @@ class EvalOptions(Settings):
 
     path: str = setting(..., "trainable model folder, or a finetune run folder")
     task: str | None = setting(None, "task; default: the run's (required for a model folder)")
+    template: str | None = setting(None, "a built-in task's named prompt (as for finetune); default: the run's")
     data: str | None = setting(None, "as for finetune; default: the run's")
     eval_split: str | None = setting(None, "as for finetune; default: the run's")
     eval_examples: int | None = setting(None, "as for finetune; default: the run's", ge=1)

@@ -209,3 +209,58 @@ def test_loss_falls_on_a_learnable_problem(kind):
     for t in range(400):
         mezo_step(w, loss_fn, step=t, seed=t, eps=1e-3, lr=2e-3, directions=d)
     assert loss_fn() < 0.3 * start
+
+
+def test_fzoo_step_is_the_normalized_one_sided_update_the_test_computes():
+    """L0 = L(w); L_i = L(w + eps z_i); w1 = f w - lr / (N sigma) sum_i (L_i - L0) / eps z_i,
+    sigma the sample standard deviation of the L_i (Dang et al. 2025), computed here in float64
+    from the directions sampled by seed."""
+    from ortzo.optim.fzoo import fzoo_step
+
+    w, _, loss_at = _problem(3)
+    w0 = [a.copy() for a in w]
+    d, n, eps, lr, wd, mask = Directions("rademacher-counter", threads=1), 5, 1e-2, 1e-3, 0.5, [True, False, True]
+    r = fzoo_step(w, lambda: loss_at(w), step=0, seed=77, eps=eps, lr=lr, directions=d, n_directions=n,
+                  weight_decay=wd, decay=mask)
+    zs = [d.sample([a.shape for a in w0], direction_seed(77, i)) for i in range(n)]
+    base = loss_at(w0)
+    losses = np.array([loss_at([a + eps * zi for a, zi in zip(w0, z)]) for z in zs])
+    sigma = losses.std(ddof=1)
+    assert r.loss == pytest.approx(base) and r.norm == pytest.approx(sigma, rel=1e-6)
+    np.testing.assert_allclose(r.grads, (losses - base) / eps, rtol=1e-4)
+    for b, (a, m) in enumerate(zip(w0, mask)):
+        want = (1 - lr * wd if m else 1.0) * a.astype(np.float64)
+        want -= lr / (n * sigma) * sum((li - base) / eps * z[b] for li, z in zip(losses, zs))
+        np.testing.assert_allclose(w[b], want, rtol=0, atol=2e-5)
+    assert not np.allclose(w[0], w0[0])
+
+
+def test_fzoo_steps_replay_bit_exactly_and_learn():
+    from ortzo.optim.fzoo import fzoo_step
+
+    w, _, loss_at = _problem(4)
+    start = loss_at(w)
+    d = Directions("rademacher", threads=2)
+    records = [fzoo_step(w, lambda: loss_at(w), step=t, seed=500 + t, eps=1e-3, lr=3e-4, directions=d,
+                         n_directions=4, weight_decay=0.1, decay=[True, False, True]) for t in range(30)]
+    assert loss_at(w) < start - 20  # from 15.9 to about -14 (the minimum is below)
+    back = StepRecord.from_json(json.loads(json.dumps(records[3].to_json())))
+    assert back == records[3] and back.estimator == "fzoo"
+    fresh, _, _ = _problem(4)
+    replay(fresh, records, Directions("rademacher", threads=1), decay=[True, False, True])
+    for a, b in zip(w, fresh):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fzoo_refuses_one_direction_and_a_non_finite_loss_changes_nothing():
+    from ortzo.optim.fzoo import fzoo_step
+
+    w, _, _ = _problem()
+    with pytest.raises(ValueError, match="at least 2 directions"):
+        fzoo_step(w, lambda: 1.0, step=0, seed=1, eps=1e-3, lr=1e-3, directions=Directions(), n_directions=1)
+    before = [a.copy() for a in w]
+    calls = iter([1.0, 2.0, float("nan"), 3.0])
+    with pytest.raises(FloatingPointError):
+        fzoo_step(w, lambda: next(calls), step=0, seed=1, eps=1e-3, lr=1e-3, directions=Directions(), n_directions=3)
+    for a, b in zip(w, before):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -208,3 +208,65 @@ def test_batches_are_slices_of_one_permutation_per_epoch():
             np.testing.assert_array_equal(b, perm[k * bs:(k + 1) * bs])
         assert len(set(np.concatenate(got).tolist())) == per_epoch * bs  # no repeats within an epoch
     assert not np.array_equal(batch_indices(n, bs, 0, seed), batch_indices(n, bs, per_epoch, seed))
+
+
+def test_named_templates_of_the_built_in_tasks():
+    from ortzo.tasks.task import TEMPLATES, templates
+
+    review = load_task("sst2", "review")
+    assert review.prompt({"sentence": " a charming journey . "}) == "Review: a charming journey .\nSentiment:"
+    assert review.label_words == (" negative", " positive") and review.template_name == "review"
+    assert load_task("sst2", "mezo") == load_task("sst2") == BUILTIN["sst2"]
+    for task, named in TEMPLATES.items():
+        assert templates(task)[0] == "mezo"
+        for name in named:
+            t = load_task(task, name)
+            assert len(t.label_words) == len(BUILTIN[task].label_words) and set(t.fields) == set(BUILTIN[task].fields)
+    with pytest.raises(OrtzoError, match="task sst2 has no template 'poem'; its templates: mezo, review"):
+        load_task("sst2", "poem")
+
+
+def test_a_run_records_and_reuses_its_template(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    from ortzo.cli import main
+    from ortzo.tasks import task
+
+    # the tiny tokenizer knows few words: a template whose label words it can tell apart
+    monkeypatch.setitem(task.TEMPLATES, "sst2", {"plain": ("Review: {sentence}\nSentiment:", (" bad", " good"))})
+    out = tmp_path / "run"
+    assert main(["finetune", str(tiny_model), "--task", "sst2", "--template", "plain", "--data", str(tiny_data),
+                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--train-examples", "8",
+                 "--eval-examples", "8"]) == 0
+    assert "recipe: prompt plain 'Review: {sentence}\\nSentiment:' -> ' bad' / ' good'" in capsys.readouterr().out
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["template"] == "plain" and recorded["recorded"]["task"]["label_words"] == [" bad", " good"]
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    ran = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--template", "mezo"]) == 0  # the same weights under MeZO's prompt
+    other = json.loads(capsys.readouterr().out)
+    assert ran["examples"] == other["examples"] == 8 and ran["loss"] != other["loss"]
+
+
+def test_eval_subset_on_the_schedule_and_the_whole_set_at_both_ends(tiny_model, tiny_data, tmp_path):
+    from ortzo.cli import main
+    from ortzo.tasks.data import subset
+
+    out = tmp_path / "run"
+    assert main(["finetune", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--out", str(out),
+                 "--steps", "6", "--eval-every", "2", "--eval-subset", "10", "--batch-size", "4",
+                 "--train-examples", "16"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["eval_examples"]) for r in rows] == [(0, 32), (2, 10), (4, 10), (6, 32)]
+    # the subset's accuracy is that of the same 10 rows `ortzo eval` scores at that step
+    val = [json.loads(line) for line in (tiny_data / "validation.jsonl").read_text().splitlines()]
+    picked = subset(val, 10, 0)
+    assert picked == subset(val, 10, 0) and len({r["idx"] for r in picked}) == 10 and picked != val[:10]
+    spec = tmp_path / "picked.jsonl"
+    spec.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["eval", str(out), "--step", "4", "--eval-split", str(spec)]) == 0
+    assert json.loads(buf.getvalue())["accuracy"] == rows[2]["eval_accuracy"]

@@ -16,7 +16,8 @@ from ..model.session import ScoringSession
 from ..model.targets import Target
 from ..model.weights import WeightStore
 from ..optim.directions import Directions
-from ..optim.mezo import StepRecord, decay_mask, lr_at, mezo_step, replay, step_seed
+from ..optim.estimators import estimator_step
+from ..optim.mezo import StepRecord, decay_mask, lr_at, replay, step_seed
 from ..tasks.objective import loss
 from .base import BatchAt
 
@@ -35,11 +36,11 @@ class OrtMezo:
 
     def step(self, step: int) -> StepRecord:
         cfg, batch = self.cfg, self.batch_at(step)
-        return mezo_step(self.buffers, lambda: loss(self.session(batch.feeds), batch.labels), step=step,
-                         seed=step_seed(cfg.seed, step), eps=cfg.eps,
-                         lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule), directions=self.directions,
-                         n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
-                         decay=self.decay)
+        return estimator_step(cfg.estimator, self.buffers, lambda: loss(self.session(batch.feeds), batch.labels),
+                              step=step, seed=step_seed(cfg.seed, step), eps=cfg.eps,
+                              lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule), directions=self.directions,
+                              n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
+                              decay=self.decay)
 
     def replay(self, records: Sequence[StepRecord]) -> None:
         replay(self.buffers, records, self.directions, self.decay)

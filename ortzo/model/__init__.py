@@ -1,1 +1,3 @@
-"""The trainable model folder: manifest, weight store, tokenizer, ORT session, targets, export."""
+"""The trainable model folder: manifest, weight store, tokenizer, ORT session, targets, device
+weights, export; the graphs derived from it (full logits, ORT format) and the ways in (prepare)
+and out (bake)."""

@@ -29,6 +29,10 @@ LossFn = Callable[[], float]
 
 @dataclass(frozen=True)
 class StepRecord:
+    """One step of a zeroth-order estimator: "mezo" (two-sided, here) or "fzoo" (one-sided
+    with a shared base loss, optim/fzoo.py, which logs L(w) as its only `loss_minus` and the
+    spread it divides the update by as `norm`)."""
+
     step: int
     seed: int
     grads: tuple[float, ...]  # projected gradient per direction, after clipping
@@ -37,10 +41,14 @@ class StepRecord:
     weight_decay: float
     loss_plus: tuple[float, ...]
     loss_minus: tuple[float, ...]
+    estimator: str = "mezo"
+    norm: float = 1.0
 
     @property
     def loss(self) -> float:
-        """The step's loss estimate: mean of L+ and L- over directions."""
+        """The step's loss estimate: mean of L+ and L- over directions (FZOO: L(w) itself)."""
+        if self.estimator == "fzoo":
+            return self.loss_minus[0]
         return float(np.mean(self.loss_plus + self.loss_minus))
 
     def to_json(self) -> dict:
@@ -50,7 +58,7 @@ class StepRecord:
     def from_json(cls, d: dict) -> StepRecord:
         return cls(int(d["step"]), int(d["seed"]), tuple(map(float, d["grads"])), float(d["lr"]),
                    float(d["eps"]), float(d["weight_decay"]), tuple(map(float, d["loss_plus"])),
-                   tuple(map(float, d["loss_minus"])))
+                   tuple(map(float, d["loss_minus"])), str(d.get("estimator", "mezo")), float(d.get("norm", 1.0)))
 
 
 def direction_seed(seed: int, direction: int) -> int:
@@ -101,8 +109,13 @@ def mezo_step(
 
 def replay(buffers: Sequence[np.ndarray], records: Sequence[StepRecord], directions: Directions,
            decay: Sequence[bool] | None = None) -> None:
-    """Repeat the steps' weight arithmetic without any loss evaluation."""
+    """Repeat the steps' weight arithmetic without any loss evaluation (each record's estimator's)."""
+    from .fzoo import replay_step  # fzoo builds on this module's records
+
     for r in records:
+        if r.estimator == "fzoo":
+            replay_step(buffers, r, directions, decay)
+            continue
         q = len(r.grads)
         for i in range(q):
             s = direction_seed(r.seed, i)

@@ -30,13 +30,15 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
         if opts.step is not None:
             raise OrtzoError("--step needs a run folder")
         cfg = RunConfig.build({"model": str(path)} | chosen)
-        setup = prepare(cfg, load_task(cfg.task), say=stderr)
+        setup = prepare(cfg, load_task(cfg.task, cfg.template), say=stderr)
         engine, steps = setup.engine(setup.load_store()), 0
     elif run.holds_run():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)
         cfg = RunConfig.build(saved | chosen)
-        task = load_task(opts.task) if opts.task else Task.from_json(recorded["task"])
+        task = Task.from_json(recorded["task"])
+        if opts.task or opts.template:
+            task = load_task(opts.task or task.name, opts.template)
         setup = prepare(cfg, task, say=stderr)
         setup.check_model(recorded, run.path)
         log = steplog.read(run.steps, record_type(cfg.engine))  # a torn tail (a live run mid-write) is left alone

@@ -30,6 +30,7 @@ from ..optim import steplog
 from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..run.plots import plot_curves
+from ..tasks.data import subset
 from ..tasks.objective import evaluate
 from ..tasks.task import Task, load_task
 from .measure import peak_rss_mib
@@ -39,7 +40,7 @@ from .setup import Setup, prepare, version_notes
 def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     """A new run of `cfg` in the run folder `out`."""
     cfg = cfg.resolved()
-    setup = prepare(cfg, load_task(cfg.task))
+    setup = prepare(cfg, load_task(cfg.task, cfg.template))
     _check_batch(setup)
     engine = setup.engine(setup.load_store())  # checksum, patterns, the engine's own needs: before any write
     run = RunFolder(out)
@@ -96,15 +97,20 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
     print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(store.arrays[n].size for n in trained):,} "
           f"of {sum(p.size for p in setup.manifest.parameters):,} parameters trained by {cfg.engine}; "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
+    t = setup.task
+    print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
+          f"lr {cfg.lr:g} ({cfg.schedule}), eps {cfg.eps:g}, batch {cfg.batch_size}, clip {cfg.clip}, "
+          f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}")
 
     def save(step: int) -> None:
         checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
 
     with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out, \
-            tqdm(total=cfg.steps, initial=len(log), desc=cfg.engine, unit="step", dynamic_ncols=True) as bar:
+            tqdm(total=cfg.steps if cfg.time_budget is None else None,  # a budget: no step-count ETA
+                 initial=len(log), desc=cfg.engine, unit="step", dynamic_ncols=True) as bar:
         def measure(step: int) -> None:
             t = time.perf_counter()
-            scores = _evaluate(setup, engine, step)
+            scores = _evaluate(setup, engine, step, whole=step == 0 or _ended(cfg, log, step))
             row = _row(step, log, history, scores, time.perf_counter() - t)
             history.append(row)
             metrics_out.append(row)
@@ -152,13 +158,16 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
             "steps": last["step"], "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"]}
 
 
-def _evaluate(setup: Setup, engine: Engine, step: int) -> dict[str, float]:
-    """Accuracy and loss on the evaluation (and dev) examples, as metrics fields."""
-    scores = {}
+def _evaluate(setup: Setup, engine: Engine, step: int, whole: bool) -> dict[str, Any]:
+    """Accuracy and loss on the evaluation (and dev) examples, as metrics fields; unless
+    `whole`, on the --eval-subset sample of them (the same rows at every step)."""
+    scores: dict[str, Any] = {}
     for name, examples in (("eval", setup.splits.eval), ("dev", setup.splits.dev)):
         if examples:
+            if not whole:
+                examples = subset(examples, setup.cfg.eval_subset, setup.cfg.seed)
             r = evaluate(engine.score, setup.encoder, examples, setup.cfg.eval_batch_size, desc=f"{name} at step {step}")
-            scores |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"]}
+            scores |= {f"{name}_accuracy": r["accuracy"], f"{name}_loss": r["loss"], f"{name}_examples": len(examples)}
     return scores
 
 
@@ -184,9 +193,11 @@ def _check_batch(setup: Setup) -> None:
                          "training examples")
 
 
-def _ended(cfg: RunConfig, log: steplog.Log) -> bool:
-    """The run has done its steps, or its steps have used up the time budget."""
-    return len(log) >= cfg.steps or (cfg.time_budget is not None and sum(log.seconds) >= cfg.time_budget)
+def _ended(cfg: RunConfig, log: steplog.Log, step: int | None = None) -> bool:
+    """The run has done its steps, or its steps have used up the time budget (after `step`
+    steps; default: all logged)."""
+    step = len(log) if step is None else step
+    return step >= cfg.steps or (cfg.time_budget is not None and sum(log.seconds[:step]) >= cfg.time_budget)
 
 
 def _is_eval(cfg: RunConfig, step: int) -> bool:
@@ -207,9 +218,10 @@ def _due(cfg: RunConfig, history: list[dict], logged: int) -> list[int]:
 
 def _print_table(history: list[dict]) -> None:
     dev = "dev_accuracy" in history[0]
-    print(f"{'step':>7} {'train s':>9} {'wall s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9}"
+    print(f"{'step':>7} {'train s':>9} {'wall s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9} {'rows':>5}"
           + (f" {'dev acc':>8}" if dev else ""))
     for h in history:
         tl = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
         print(f"{h['step']:>7} {h['train_seconds']:>9.1f} {h['wall_seconds']:>9.1f} {tl:>10} "
-              f"{h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f}" + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))
+              f"{h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f} {h.get('eval_examples', ''):>5}"
+              + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))

@@ -20,6 +20,7 @@ from .task import HUB, Task
 DATA_ENV = "ORTZO_DATA"  # a folder holding one sub-folder per task, as ../shared/data does
 HELD_OUT_SEED = 20240101  # fixed: the train/eval split of a one-split task never moves
 EVAL_STREAM = 1  # the evaluation sample's stream: np.random.default_rng([seed, EVAL_STREAM])
+SUBSET_STREAM = 2  # the --eval-subset sample's
 
 Rows = list[dict[str, Any]]
 
@@ -191,6 +192,15 @@ def make_splits(task: Task, data: str | None, *, train_split: str | None = None,
         pick = np.random.default_rng([seed, EVAL_STREAM]).choice(len(eval_pool), eval_examples, replace=False)
         eval_pool = [eval_pool[i] for i in sorted(pick)]
     return Splits([train_pool[i] for i in chosen], eval_pool, note, dev)
+
+
+def subset(rows: Rows, n: int | None, seed: int) -> Rows:
+    """A fixed sample of at most `n` rows (in their order), its own seeded stream: the same rows
+    at every evaluation of a run; all rows if `n` is None."""
+    if n is None or n >= len(rows):
+        return rows
+    pick = np.random.default_rng([seed, SUBSET_STREAM]).choice(len(rows), n, replace=False)
+    return [rows[i] for i in sorted(pick)]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import string
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Task:
     train_split: str = "train"
     eval_split: str = "validation"
     hub: str | None = None  # built-ins: the `datasets` name[:config] to fall back on
+    template_name: str = "mezo"  # built-ins: which of the task's TEMPLATES (a spec: "spec")
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -67,13 +68,36 @@ BUILTIN = {
     )
 }
 
+# Other prompts of the built-in tasks, with their label words ("mezo" is MeZO's own, above).
+TEMPLATES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "sst2": {"review": ("Review: {sentence}\nSentiment:", (" negative", " positive"))},
+    "sst5": {"review": ("Review: {sentence}\nRating:", (" terrible", " bad", " okay", " good", " great"))},
+    "rte": {"qa": ("{premise}\nQuestion: {hypothesis} True or False?\nAnswer:", (" True", " False"))},
+    "boolq": {"passage": ("Passage: {passage}\nQuestion: {question}?\nAnswer (yes or no):", (" no", " yes"))},
+}
+
 SPEC_KEYS = ("name", "template", "label_words", "label_field", "truncate_field", "data", "train_split", "eval_split")
 
 
-def load_task(name_or_spec: str) -> Task:
-    """A built-in task by name, or a TOML spec file (checked key by key)."""
+def templates(task: str) -> tuple[str, ...]:
+    """The named prompts of a built-in task, its default first."""
+    return ("mezo", *TEMPLATES.get(task, {}))
+
+
+def load_task(name_or_spec: str, template: str | None = None) -> Task:
+    """A built-in task by name, with one of its named prompts (`template`, default MeZO's), or a
+    TOML spec file (checked key by key), which has its own."""
     if name_or_spec in BUILTIN:
-        return BUILTIN[name_or_spec]
+        task = BUILTIN[name_or_spec]
+        if template in (None, "mezo"):
+            return task
+        if template not in TEMPLATES.get(name_or_spec, {}):
+            raise OrtzoError(f"task {name_or_spec} has no template {template!r}; its templates: "
+                             f"{', '.join(templates(name_or_spec))}")
+        text, words = TEMPLATES[name_or_spec][template]
+        return replace(task, template=text, label_words=words, template_name=template)
+    if template is not None:
+        raise OrtzoError("--template names a built-in task's prompt; a task spec has its own template")
     path = Path(name_or_spec)
     if path.suffix != ".toml":
         raise OrtzoError(f"unknown task {name_or_spec!r}; built in: {', '.join(BUILTIN)}, or a .toml spec file")
@@ -108,7 +132,7 @@ def _from_spec(d: dict[str, Any], path: Path) -> Task:
     defaults = {f.name: f.default for f in fields(Task)}
     task = Task(name=d.get("name", path.stem), template=d["template"], label_words=tuple(d["label_words"]),
                 **{k: d.get(k, defaults[k]) for k in ("label_field", "truncate_field", "train_split", "eval_split")},
-                data=data)
+                data=data, template_name="spec")
     try:
         placeholders = task.fields  # parsing the template also rejects unbalanced braces
     except ValueError as e:
