@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-cuda bench-engines memory-table compare-sst2 compare-boolq accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ memory-table: setup $(TINY)/manifest.json $(MODEL)/manifest.json $(GEMMA)/manife
 # The same-budget experiment (docs/compare.md); run again after an interruption, it resumes.
 compare-sst2 compare-boolq: compare-%: setup $(MODEL)/manifest.json $(GEMMA)/manifest.json
 	$(VENV)/bin/ortzo compare configs/compare-$*.toml --out runs/compare-$*
+
+# Issue 8's ablation (configs/ablation-sst2.toml: 4 arms x 3 seeds x 30 min, ~6 h); resumes.
+ablation-sst2: setup $(MODEL)/manifest.json
+	$(VENV)/bin/ortzo compare configs/ablation-sst2.toml --out runs/ablation-sst2
 
 # The accuracy run of the README: 1000 steps; run again after an interruption, it resumes.
 accuracy: setup $(MODEL)/manifest.json

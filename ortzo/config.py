@@ -74,8 +74,8 @@ class RunConfig(Settings):
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
     task: str = setting(..., "built-in task (sst2, sst5, rte, boolq) or a task .toml spec")
-    template: str | None = setting(None, "a built-in task's named prompt: mezo (MeZO's, the default); sst2 and "
-                                   "sst5: review; rte: qa; boolq: passage")
+    template: str | None = setting(None, "a built-in task's named prompt: sst2 and sst5: review; rte: qa; boolq: "
+                                   "passage; default: mezo, MeZO's own")
     data: str | None = setting(None, f"folder of <split>.jsonl files, or {HUB}NAME[:CONFIG] for a datasets hub "
                                "name; default: the spec's data, $ORTZO_DATA/<task>, the task's hub dataset")
     train_split: str | None = setting(None, "split to train on: a name (reads <name>.jsonl) or a .jsonl file; "
@@ -119,7 +119,7 @@ class RunConfig(Settings):
     max_length: int = setting(256, "prompt tokens at most; longer prompts lose the start of their text", ge=2)
     seed: int = setting(0, "seeds the example sample, batch order and directions", ge=0)
     target: str = setting("cpu", "execution-provider target: a name in targets/ or a .toml file",
-                          resumable=True, flags=("--provider", "--target"))
+                          resumable=True, flags=("--provider",))
     engine: Literal[ENGINES] = setting("ort", "ort: MeZO through ONNX Runtime; the PyTorch baselines (the torch "
                                        "extra): torch-bp, backprop, and torch-mezo, MeZO as its reference code")
     optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "torch-bp: AdamW, SGD, or SGD with momentum")
@@ -207,7 +207,7 @@ class EvalOptions(Settings):
     seed: int | None = setting(None, "seed of the evaluation sample; default: the run's", ge=0)
     eval_batch_size: int | None = setting(None, "examples per batch; default: the run's", ge=1,
                                           flags=("--batch-size",))
-    target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider", "--target"))
+    target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider",))
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
 
 
@@ -261,7 +261,7 @@ class BenchOptions(Settings):
     directions: list[Literal[KINDS]] = setting(list(KINDS), "direction kinds to time (the flag alone: none)")
     engines: list[Literal[ENGINES]] = setting([], "also time these engines' steps (interleaved in one process) "
                                               "and each one's peak RSS (alone in its own)")
-    target: str = setting("cpu", "execution-provider target", flags=("--provider", "--target"))
+    target: str = setting("cpu", "execution-provider target", flags=("--provider",))
     formats: list[Literal["onnx", "ort"]] = setting([], "also time the ORT engine's step on each graph format "
                                                     "(model.onnx, model.ort) under --provider, interleaved in one "
                                                     "process")

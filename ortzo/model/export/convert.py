@@ -70,7 +70,6 @@ def weights_to_inputs(model, names: dict[str, str], path: Path, base: Path, dtyp
     (default: its own), those in `transposed` stored transposed. What stays external (`base`
     is its folder) is small and is pulled into the graph. Returns the parameters, the file's
     sha256 and its size."""
-    import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
 
