@@ -10,6 +10,7 @@ buffers, so fine-tuning costs what inference costs in memory. A step is
 from __future__ import annotations
 
 import itertools
+from functools import cached_property
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,9 @@ class Model:
             new.append(nxt)
         return tok.decode(new)
 
-    @property
+    @cached_property
     def tokenizer(self) -> Tokenizer:
+        """Read once: `generate` and every `classifier` share it."""
         return Tokenizer(self.folder, self.manifest.tokenizer)
 
     def train(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), *, lr: float = 1e-5,
