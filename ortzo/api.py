@@ -174,11 +174,12 @@ class Classifier:
 
     def loss(self, outputs: Outputs, batch: Batch) -> float:
         """Cross-entropy over the label words, the batch's mean."""
-        return label_loss(outputs["scores"], batch.labels)
+        return label_loss(batch.candidate_scores(outputs["scores"]), batch.labels)
 
     def predict(self, rows: Rows) -> np.ndarray:
         """The label of each row: the label word the model scores highest."""
-        return self.model.run(self.batch(rows).feeds)["scores"].argmax(axis=1)
+        batch = self.batch(rows)
+        return batch.candidate_scores(self.model.run(batch.feeds)["scores"]).argmax(axis=1)
 
     def evaluate(self, rows: Rows, batch_size: int = 16) -> dict[str, float]:
         """Accuracy and mean loss over `rows` (batched by length, as `ortzo eval` does)."""

@@ -112,7 +112,13 @@ def _compare(a: argparse.Namespace) -> None:
     o = CompareOptions.build(config.given(a, CompareOptions))
     changes = {k: v for k, v in o.model_dump().items() if v is not None and k in ("seeds", "time_budget",
                                                                                    "memory_budget")}
-    compare(CompareSpec.build(config.read_file(o.spec) | changes, f"{o.spec}: "), Path(o.out))
+    spec = CompareSpec.build(config.read_file(o.spec) | changes, f"{o.spec}: ")
+    if o.arms:
+        unknown = [a for a in o.arms if a not in spec.arms]
+        if unknown:
+            raise OrtzoError(f"{o.spec} has no arm {', '.join(map(repr, unknown))}; its arms: {', '.join(spec.arms)}")
+        spec = spec.model_copy(update={"arms": {a: spec.arms[a] for a in o.arms}})
+    compare(spec, Path(o.out))
 
 
 def _bench(a: argparse.Namespace) -> None:

@@ -40,6 +40,15 @@ def setting(default: Any, help: str, *, resumable: bool = False, flags: tuple[st
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _none_words(cls, values: Any) -> Any:
+        """TOML has no null: in a config file "none" stands for it, as on the command line."""
+        if not isinstance(values, dict):
+            return values
+        return {k: None if isinstance(v, str) and v.lower() in ("none", "null") and k in cls.model_fields
+                and _unwrap(cls.model_fields[k].annotation)[1] else v for k, v in values.items()}
+
     @classmethod
     def build(cls, values: dict[str, Any], where: str = "") -> Self:
         """Validated settings, or one line naming every bad value."""
@@ -74,8 +83,9 @@ class RunConfig(Settings):
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
     task: str = setting(..., "built-in task (sst2, sst5, rte, boolq) or a task .toml spec")
-    template: str | None = setting(None, "a built-in task's named prompt: sst2 and sst5: review; rte: qa; boolq: "
-                                   "passage; default: mezo, MeZO's own")
+    template: str | None = setting(None, "a built-in task's named prompt: mezo (MeZO's own) or sst2 and sst5: "
+                                   "review; rte: qa; boolq: passage; default: the best measured (sst2, sst5: "
+                                   "review; rte: qa; boolq: mezo)")
     data: str | None = setting(None, f"folder of <split>.jsonl files, or {HUB}NAME[:CONFIG] for a datasets hub "
                                "name; default: the spec's data, $ORTZO_DATA/<task>, the task's hub dataset")
     train_split: str | None = setting(None, "split to train on: a name (reads <name>.jsonl) or a .jsonl file; "
@@ -104,6 +114,8 @@ class RunConfig(Settings):
                                  resumable=True, gt=0)
     include: list[str] = setting(["*"], "glob patterns of the parameter names to train", min_length=1)
     exclude: list[str] = setting([], "glob patterns of parameter names to freeze")
+    group_by_length: int = setting(8, "cut the training batches from runs of N random batches sorted by prompt "
+                                   "length: less padding, faster steps; 1: random batches", ge=1)
     train_examples: int | None = setting(1000, "training examples sampled from the train split; none: all", ge=1)
     k_shot: int | None = setting(None, "k training examples per class instead of --train-examples", ge=1)
     eval_examples: int | None = setting(None, "evaluate on at most this many examples; default: the whole split",
@@ -183,6 +195,9 @@ class CompareSpec(Settings):
     common: dict[str, Any] = setting({}, "finetune settings every arm shares")
     arms: dict[str, dict[str, Any]] = setting(..., "arm name -> finetune settings, with `model` (taken) or "
                                               "`models` (the largest that fits is picked)", min_length=1)
+    report_minutes: list[float] = setting([], "wall-clock marks in minutes (steps and the evaluations done on the "
+                                          "way): the summary gives each arm's accuracy on the whole evaluation "
+                                          "split with the weights it had there (median, min, max over seeds)")
 
 
 class CompareOptions(Settings):
@@ -192,6 +207,7 @@ class CompareOptions(Settings):
     seeds: list[int] | None = setting(None, "override the spec's seeds", min_length=1)
     time_budget: float | None = setting(None, "override the spec's seconds of steps per run", gt=0)
     memory_budget: str | None = setting(None, "override the spec's memory budget")
+    arms: list[str] | None = setting(None, "run and report only these of the spec's arms", min_length=1)
 
 
 class EvalOptions(Settings):

@@ -23,7 +23,7 @@ def test_run_serves_the_graph_and_ignores_extra_keys(tiny_model, tiny_data):
     from conftest import open_folder
 
     model = ortzo.open(tiny_model)
-    clf = model.classifier("sst2")
+    clf = model.classifier("sst2", template="mezo")
     batch = clf.batch(_rows(tiny_data)[:4])
     out = model.run({**batch.feeds, "labels": batch.labels})
     assert list(out) == ["scores"] and out["scores"].shape == (4, 2)
@@ -39,7 +39,7 @@ def test_step_is_the_spsa_update_the_test_computes(tiny_model, tiny_data):
     from conftest import open_folder
 
     model = ortzo.open(tiny_model).train(include=["model.layers.0.*"], lr=1e-2, eps=1e-2, seed=5)
-    clf = model.classifier("sst2")
+    clf = model.classifier("sst2", template="mezo")
     batch = clf.batch(_rows(tiny_data)[:8])
     names = model.names
     w0 = {n: model.store.arrays[n].copy() for n in names}
@@ -64,7 +64,7 @@ def test_step_is_the_spsa_update_the_test_computes(tiny_model, tiny_data):
 
 def test_fit_learns_and_its_records_replay_exactly(tiny_model, tiny_data):
     model = ortzo.open(tiny_model).train(lr=1e-2, eps=1e-2, seed=1, clip=1.0)
-    clf = model.classifier("sst2")
+    clf = model.classifier("sst2", template="mezo")
     train, val = _rows(tiny_data), _rows(tiny_data, "validation")
     before = clf.evaluate(val)
     initial = model.store.buffer.copy()
@@ -83,7 +83,7 @@ def test_fit_learns_and_its_records_replay_exactly(tiny_model, tiny_data):
 
 def test_save_restore_round_trip_and_a_bad_file_changes_nothing(tiny_model, tiny_data, tmp_path):
     model = ortzo.open(tiny_model).train(lr=5e-3, seed=2)
-    clf = model.classifier("sst2")
+    clf = model.classifier("sst2", template="mezo")
     batches = clf.batches(_rows(tiny_data), 8)
     model.fit(batches, clf.loss, steps=3, progress=False)
     saved = model.store.buffer.copy()
@@ -111,7 +111,7 @@ def test_save_restore_round_trip_and_a_bad_file_changes_nothing(tiny_model, tiny
 
 def test_fp16_folder_restores_into_its_masters(tiny_model_fp16, tiny_data, tmp_path):
     model = ortzo.open(tiny_model_fp16).train(include=["model.norm.weight"], lr=1e-1, seed=3)
-    clf = model.classifier("sst2")
+    clf = model.classifier("sst2", template="mezo")
     sha = model.save(tmp_path / "w.bin")
     before = model.buffers[0].copy()
     model.fit(clf.batches(_rows(tiny_data), 8), clf.loss, steps=2, progress=False)
@@ -137,7 +137,7 @@ import sys, json
 sys.modules["torch"] = None  # importing torch now fails
 import ortzo
 model = ortzo.open({str(tiny_model)!r}).train(lr=1e-3)
-clf = model.classifier("sst2")
+clf = model.classifier("sst2", template="mezo")
 rows = [json.loads(l) for l in open({str(tiny_data / 'train.jsonl')!r})][:16]
 model.fit(clf.batches(rows, 8), clf.loss, steps=2, progress=False)
 print(clf.accuracy(rows))

@@ -26,7 +26,7 @@ from ortzo.run import checkpoint
 from ortzo.tasks.batches import collate
 
 from conftest import open_folder
-from tiny import make_tiny_llama
+from tiny import VOCAB, make_tiny_llama
 
 TRAIN = ["--task", "sst2", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6", "--checkpoint-every", "4",
          "--train-examples", "48", "--eval-examples", "8"]
@@ -61,7 +61,7 @@ def _feeds() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = collate([list(rng.integers(2, 300, size=n)) for n in (5, 9, 2)], 1, np.array([0]))
     feeds["score_index"] = np.flatnonzero(feeds["attention_mask"])
-    feeds["score_ids"] = rng.integers(0, 320, size=(len(feeds["score_index"]), 3))
+    feeds["score_ids"] = rng.integers(0, VOCAB, size=(len(feeds["score_index"]), 3))
     return feeds
 
 
@@ -94,7 +94,7 @@ def test_baked_logits_are_the_scoring_heads_log_probs(model, request, tmp_path):
     feeds = _feeds()
     logits = _baked_logits(tmp_path / "baked", feeds)
     b, s = feeds["input_ids"].shape
-    assert logits.shape == (b, s, 320) and logits.dtype == np.float32
+    assert logits.shape == (b, s, VOCAB) and logits.dtype == np.float32
     store, session = open_folder(folder)
     rows = _log_softmax(logits).reshape(b * s, -1)[feeds["score_index"]]
     want = np.take_along_axis(rows, feeds["score_ids"], 1)
@@ -162,7 +162,7 @@ def test_a_run_bakes_its_fine_tuned_weights(engine, runs, tiny_model, tmp_path):
     feeds = _feeds()
     _, session = open_folder(tiny_model, run / checkpoint.DIR / checkpoint.name(6) / checkpoint.WEIGHTS,
                              meta["sha256"])
-    rows = _log_softmax(_baked_logits(tmp_path / "final", feeds)).reshape(-1, 320)[feeds["score_index"]]
+    rows = _log_softmax(_baked_logits(tmp_path / "final", feeds)).reshape(-1, VOCAB)[feeds["score_index"]]
     np.testing.assert_allclose(session(feeds), np.take_along_axis(rows, feeds["score_ids"], 1), rtol=0, atol=1e-5)
     step5 = _baked_weights(tmp_path / "step5")
     changed = [n for n in final if not np.array_equal(step5[n], final[n])]

@@ -63,7 +63,8 @@ def test_finetune_writes_a_run_that_accounts_for_itself(tiny_model, tiny_data, t
     assert cfg["model"] == str(tiny_model.resolve()) and cfg["data"] == str(tiny_data.resolve())
     assert cfg["recorded"]["model_weights_sha256"] == manifest.weights_sha256
     assert cfg["recorded"]["versions"]["numpy"] == np.__version__ and "ortzo" in cfg["recorded"]["versions"]
-    assert cfg["schedule_steps"] == 12 and cfg["recorded"]["task"]["template"] == "{sentence} It was"
+    assert cfg["schedule_steps"] == 12
+    assert cfg["recorded"]["task"]["template"] == "Review: {sentence}\nSentiment:"  # sst2's default prompt
 
 
 def test_eval_of_a_run_measures_the_runs_own_evaluation_set(tiny_model, tiny_data, tmp_path, capsys):

@@ -88,3 +88,49 @@ def test_compare_errors_are_one_line(tiny_model, tmp_path, capsys):
         assert main(["compare", str(spec), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_wall_step_counts_steps_and_the_evaluations_before_them():
+    from ortzo.recipes.compare import wall_step
+
+    seconds = [1.0, 1.0, 1.0, 1.0]
+    history = [{"step": 0, "eval_seconds": 0.5}, {"step": 2, "eval_seconds": 2.0}, {"step": 4, "eval_seconds": 9.0}]
+    # after n steps the wall clock reads: 1.5, 2.5, 5.5, 6.5 (the eval after step 2 precedes step 3)
+    assert [wall_step(seconds, history, t) for t in (0.4, 1.5, 2.5, 5.4, 5.5, 100)] == [0, 1, 2, 2, 3, 4]
+
+
+def test_report_minutes_gives_the_whole_split_accuracy_of_the_weights_at_the_mark(tiny_model, tiny_data, tmp_path,
+                                                                                 capsys):
+    """The summary's accuracy at a mark equals a fresh run stopped at the mark's step: the
+    weights rebuilt from the step log are the ones training had there."""
+    common = {"task": "sst2", "template": "mezo", "data": str(tiny_data), "batch_size": 8, "train_examples": 48,
+              "eval_every": 3, "eval_subset": 8, "lr": 2e-3, "max_length": 32, "clip": 30}
+    spec = tmp_path / "spec.toml"
+
+    def write(minutes):
+        spec.write_text(f'memory_budget = "4GB"\ntime_budget = 1.5\nseeds = [0]\nreport_minutes = {minutes}\n'
+                        f'common = {json.dumps(common).replace(chr(34) + ": ", chr(34) + " = ")}\n'
+                        f'[arms.a]\nmodel = "{tiny_model}"\n[arms.b]\nmodel = "{tiny_model}"\n')
+
+    write([])
+    out = tmp_path / "cmp"
+    assert main(["compare", str(spec), "--out", str(out), "--arms", "a"]) == 0
+    assert not (out / "b").exists()
+    metrics = [json.loads(line) for line in (out / "a" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    mid = [m for m in metrics if m["eval_examples"] == 8][len(metrics) // 3]  # a subset evaluation's step
+    write([mid["wall_seconds"] / 60])  # the mark: right after that evaluation
+    assert main(["compare", str(spec), "--out", str(out), "--arms", "a"]) == 0  # the run is done: it only reports
+    with open(out / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert list(map(int, json.loads((out / "a" / "seed-0" / "marks.json").read_text()))) == [mid["step"]]
+    ref = tmp_path / "ref"
+    assert main(["finetune", str(tiny_model), "--out", str(ref), "--steps", str(mid["step"]), "--seed", "0",
+                 *[a for k, v in common.items() if k != "eval_subset" for a in (f"--{k.replace('_', '-')}", str(v))]]) == 0
+    want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()][-1]
+    assert want["step"] == mid["step"] and want["eval_examples"] == metrics[0]["eval_examples"] == 32
+    key = f"acc_{mid['wall_seconds'] / 60:g}min"
+    assert float(row[f"{key}_median"]) == pytest.approx(want["eval_accuracy"], abs=1e-4)
+    assert row[f"{key}_min"] == row[f"{key}_max"] == row[f"{key}_median"]
+    capsys.readouterr()
+    assert main(["compare", str(spec), "--out", str(out), "--arms", "c"]) == 2
+    assert "has no arm 'c'; its arms: a, b" in capsys.readouterr().err

@@ -28,7 +28,10 @@ def test_sst2_prompt_is_mezos():
 
 
 def test_batch_left_pads_and_scores_the_last_position(tiny_model):
-    enc = Encoder(BUILTIN["sst2"], _tokenizer(tiny_model))
+    from dataclasses import replace
+
+    enc = Encoder(replace(BUILTIN["sst2"], label_words=(" No", " Yes")), _tokenizer(tiny_model))
+    assert enc.single_token  # one token per word (in the tiny vocabulary): one sequence per example
     ids = [enc.encode({"sentence": s}) for s in ("great", "the film was boring and dull")]
     b = enc.batch(ids, [1, 0])
     s = b.feeds["input_ids"].shape[1]
@@ -210,19 +213,41 @@ def test_batches_are_slices_of_one_permutation_per_epoch():
     assert not np.array_equal(batch_indices(n, bs, 0, seed), batch_indices(n, bs, per_epoch, seed))
 
 
+def test_batches_grouped_by_length_are_the_sorted_runs_of_the_same_random_batches():
+    n, bs, group, seed = 50, 4, 3, 5
+    lengths = np.random.default_rng(1).integers(1, 60, size=n)
+    per_epoch = n // bs  # 12: four runs of 3 batches
+    for epoch in range(2):
+        plain = [batch_indices(n, bs, epoch * per_epoch + k, seed) for k in range(per_epoch)]
+        got = [batch_indices(n, bs, epoch * per_epoch + k, seed, lengths, group) for k in range(per_epoch)]
+        for run in range(per_epoch // group):
+            mine = got[run * group:(run + 1) * group]
+            # the run holds the same examples as the random batches it replaces ...
+            assert sorted(np.concatenate(mine).tolist()) == sorted(np.concatenate(plain[run * group:(run + 1) *
+                                                                                        group]).tolist())
+            # ... cut into batches of neighbours in length: no two batches' length ranges overlap
+            spans = sorted((lengths[b].min(), lengths[b].max()) for b in mine)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    rand = np.mean([lengths[b].max() for b in plain])
+    grouped = np.mean([lengths[b].max() for b in got])
+    assert grouped < 0.85 * rand  # the padded length a forward computes
+    assert not all(lengths[got[k]].max() <= lengths[got[k + 1]].min() for k in range(group - 1))  # order: shuffled
+
+
 def test_named_templates_of_the_built_in_tasks():
     from ortzo.tasks.task import TEMPLATES, templates
 
     review = load_task("sst2", "review")
     assert review.prompt({"sentence": " a charming journey . "}) == "Review: a charming journey .\nSentiment:"
     assert review.label_words == (" negative", " positive") and review.template_name == "review"
-    assert load_task("sst2", "mezo") == load_task("sst2") == BUILTIN["sst2"]
+    assert load_task("sst2", "mezo") == BUILTIN["sst2"] and load_task("sst2") == review  # the default: measured best
+    assert [load_task(t).template_name for t in ("sst5", "rte", "boolq")] == ["review", "qa", "mezo"]
     for task, named in TEMPLATES.items():
-        assert templates(task)[0] == "mezo"
+        assert templates(task)[0] == load_task(task).template_name and set(templates(task)) == {"mezo", *named}
         for name in named:
             t = load_task(task, name)
             assert len(t.label_words) == len(BUILTIN[task].label_words) and set(t.fields) == set(BUILTIN[task].fields)
-    with pytest.raises(OrtzoError, match="task sst2 has no template 'poem'; its templates: mezo, review"):
+    with pytest.raises(OrtzoError, match="task sst2 has no template 'poem'; its templates: review, mezo"):
         load_task("sst2", "poem")
 
 
@@ -270,3 +295,45 @@ def test_eval_subset_on_the_schedule_and_the_whole_set_at_both_ends(tiny_model, 
     with redirect_stdout(buf):
         assert main(["eval", str(out), "--step", "4", "--eval-split", str(spec)]) == 0
     assert json.loads(buf.getvalue())["accuracy"] == rows[2]["eval_accuracy"]
+
+
+def test_multi_token_label_words_score_their_whole_log_likelihood(tiny_hf, tiny_model, tmp_path, tiny_data):
+    """Each word's score is the sum of its tokens' log-probs after the prompt, checked against
+    PyTorch's log-softmax of the full sequence prompt + word."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import ortzo
+
+    spec = tmp_path / "words.toml"
+    spec.write_text(f'template = "Review: {{sentence}}\\nSentiment:"\nlabel_words = [" awful acting", " great", '
+                    f'" great story"]\ndata = "{tiny_data}"\n')
+    model = ortzo.open(tiny_model)
+    clf = model.classifier(str(spec))
+    tok = model.tokenizer
+    words = [tok.encode_plain(w) for w in (" awful acting", " great", " great story")]
+    assert max(map(len, words)) > 1 and words[2][:len(words[1])] == words[1]  # one word starts another
+    rows = [{"sentence": s, "label": i % 3} for i, s in enumerate(["the plot", "a dull and boring movie", "it"])]
+    batch = clf.batch(rows)
+    got = batch.candidate_scores(model.run(batch.feeds)["scores"])
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    want = np.zeros((len(rows), len(words)))
+    for i, r in enumerate(rows):
+        prompt = tok.encode(f"Review: {r['sentence']}\nSentiment:")
+        for j, w in enumerate(words):
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([prompt + w])).logits[0].double(), -1).numpy()
+            want[i, j] = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(w))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert clf.predict(rows).tolist() == want.argmax(axis=1).tolist()
+    s = want - want.max(1, keepdims=True)
+    ce = -(s - np.log(np.exp(s).sum(1, keepdims=True)))[np.arange(3), [0, 1, 2]].mean()
+    assert clf.loss(model.run(batch.feeds), batch) == pytest.approx(ce, abs=1e-4)
+
+
+def test_label_words_with_the_same_tokens_are_refused(tiny_model, tmp_path, tiny_data):
+    spec = tmp_path / "same.toml"
+    spec.write_text(f'template = "{{sentence}}"\nlabel_words = [" good", " good"]\ndata = "{tiny_data}"\n')
+    with pytest.raises(OrtzoError, match="encode to the same tokens"):
+        Encoder(load_task(str(spec)), _tokenizer(tiny_model))

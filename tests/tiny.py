@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 WORDS = ("the film was great terrible good bad movie acting plot story it a and of to is "
-         "boring wonderful awful brilliant dull Yes No Question Answer Review Sentiment It was").split()
-VOCAB = 320
+         "boring wonderful awful brilliant dull negative positive Yes No Question Answer Review Sentiment It "
+         "was").split()
+VOCAB = 512
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
 

@@ -36,7 +36,11 @@ class OrtMezo:
 
     def step(self, step: int) -> StepRecord:
         cfg, batch = self.cfg, self.batch_at(step)
-        return estimator_step(cfg.estimator, self.buffers, lambda: loss(self.session(batch.feeds), batch.labels),
+
+        def batch_loss() -> float:
+            return loss(batch.candidate_scores(self.session(batch.feeds)), batch.labels)
+
+        return estimator_step(cfg.estimator, self.buffers, batch_loss,
                               step=step, seed=step_seed(cfg.seed, step), eps=cfg.eps,
                               lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule), directions=self.directions,
                               n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,

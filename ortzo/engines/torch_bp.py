@@ -22,7 +22,7 @@ from ..files import sha256_file
 from ..model.weights import WeightStore
 from ..optim.mezo import lr_at
 from .base import BackpropRecord, BatchAt, Saved
-from .torch_model import candidate_loss, checkpoint_layers, load_module, scores
+from .torch_model import candidate_loss, checkpoint_layers, load_module, scores, word_scores
 
 OPTIMIZER = "optimizer.pt"
 
@@ -63,7 +63,7 @@ class TorchBackprop:
         batch = self.batch_at(step)
         self.model.train()  # checkpointing acts in training mode; dropout is off
         try:
-            loss = candidate_loss(scores(self.model, batch.feeds), batch.labels)
+            loss = candidate_loss(word_scores(self.model, batch), batch.labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
             loss.backward()

@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..model.weights import WeightStore
 from ..optim.mezo import StepRecord, lr_at, step_seed
 from .base import BatchAt
-from .torch_model import candidate_loss, load_module, scores
+from .torch_model import candidate_loss, load_module, scores, word_scores
 
 
 class TorchMezo:
@@ -64,7 +64,7 @@ class TorchMezo:
 
     def _loss(self, batch) -> float:
         with torch.inference_mode():
-            return float(candidate_loss(scores(self.model, batch.feeds), batch.labels))
+            return float(candidate_loss(word_scores(self.model, batch), batch.labels))
 
     @torch.no_grad()
     def _perturb(self, seed: int, scale: float) -> None:

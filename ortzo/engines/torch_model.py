@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import OrtzoError
 from ..model.manifest import Manifest, hf_config
+from ..tasks.batches import Batch
 from ..model.weights import WeightStore
 
 
@@ -90,6 +91,14 @@ def scores(model: nn.Module, feeds: dict[str, np.ndarray]) -> torch.Tensor:
     rows = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(feeds["score_index"])]
     logits = model.get_output_embeddings()(rows)
     return torch.log_softmax(logits.float(), -1).gather(1, torch.from_numpy(feeds["score_ids"]))
+
+
+def word_scores(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[examples, words] label-word scores, as `Batch.candidate_scores`, inside autograd."""
+    s = scores(model, batch.feeds)
+    if batch.combine is None:
+        return s
+    return (torch.from_numpy(batch.combine) @ s[:, 0].double()).reshape(len(batch.labels), -1)
 
 
 def candidate_loss(s: torch.Tensor, labels: np.ndarray) -> torch.Tensor:

@@ -10,12 +10,16 @@ Every run is a `ortzo finetune` child process of its own (its peak RSS is its ow
 OUT/<arm>/seed-<n>/; run again, `compare` resumes what is unfinished and redraws.
 
 The x axis is the steps' seconds (`train_seconds`): evaluations are the experimenter's cost,
-scheduled differently per arm, not the method's.
+scheduled differently per arm, not the method's. `report_minutes` asks the user's question
+instead: the accuracy on the whole evaluation split of the weights a run had after M minutes of
+wall clock, evaluations on the way included. Those weights are rebuilt from the step log
+(exact), evaluated after the run and cached in the run's marks.json.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +28,16 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import jsonl
-from ..config import CompareSpec, RunConfig
+from ..config import CompareSpec, EvalOptions, RunConfig
+from ..engines.base import record_type
 from ..errors import OrtzoError
 from ..files import atomic_open, write_json
 from ..memory import estimate, parse_size
 from ..model.manifest import Manifest, hf_config
+from ..optim import steplog
 from ..run.folder import RunFolder
 from ..run.plots import plot_compare
+from .evaluate import evaluate_path
 
 COLUMNS = ("arm", "seed", "model", "engine", "step", "train_seconds", "wall_seconds", "eval_accuracy", "eval_loss",
            "peak_rss_mib", "over_budget")
@@ -47,7 +54,8 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
     rows = _curves(out, plan, spec)
     with atomic_open(out / "curves.csv", "w") as f:
         f.write(_csv(rows, COLUMNS))
-    summary = _summary(rows, plan, spec)
+    marks = {(arm, seed): _marks(out / arm / f"seed-{seed}", spec.report_minutes) for arm, seed in runs}
+    summary = _summary(rows, plan, spec, marks)
     with atomic_open(out / "summary.csv", "w") as f:
         f.write(_csv(summary, tuple(summary[0])))
     plot_compare(rows, out / "curves.png", title=f"{spec.title}: memory budget {spec.memory_budget}, "
@@ -58,12 +66,52 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
     return summary
 
 
+def wall_step(seconds: list[float], history: list[dict[str, Any]], limit: float) -> int:
+    """How many steps a run had done when its wall clock (its steps' seconds and the
+    evaluations before them: the one after step k runs before step k + 1) last stood at or
+    under `limit` seconds."""
+    n, wall = 0, 0.0
+    evals = {}
+    for h in history:
+        evals[h["step"]] = evals.get(h["step"], 0.0) + h["eval_seconds"]
+    while n < len(seconds):
+        wall += evals.get(n, 0.0) + seconds[n]
+        if wall > limit:
+            break
+        n += 1
+    return n
+
+
+def _marks(folder: Path, minutes: list[float]) -> dict[float, dict[str, Any]]:
+    """Per mark: the step reached then and the whole evaluation split's accuracy there."""
+    run = RunFolder(folder)
+    if not minutes:
+        return {}
+    cache_file = folder / "marks.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    engine = run.read_config().get("engine", "ort")
+    seconds = steplog.read(run.steps, record_type(engine)).seconds
+    history, _ = jsonl.read(run.metrics)
+    full = max(h["eval_examples"] for h in history)
+    out = {}
+    for m in minutes:
+        n = wall_step(seconds, history, m * 60)
+        if str(n) not in cache:
+            done = [h for h in history if h["step"] == n and h["eval_examples"] == full]
+            cache[str(n)] = done[0]["eval_accuracy"] if done else \
+                evaluate_path(EvalOptions.build({"path": str(folder), "step": n}))["accuracy"]
+            write_json(cache_file, cache)
+        out[m] = {"step": n, "accuracy": cache[str(n)]}
+    return out
+
+
 def _plan(spec: CompareSpec) -> dict[str, dict[str, Any]]:
     """Each arm's settings with its model chosen; every arm's settings validated up front."""
     budget = parse_size(spec.memory_budget)
     plan = {}
     for arm, given in spec.arms.items():
-        settings = spec.common | {k: v for k, v in given.items() if k != "models"} | {"time_budget": spec.time_budget}
+        given = spec.common | given
+        settings = {k: v for k, v in given.items() if k != "models"} | {"time_budget": spec.time_budget}
         candidates = [given["model"]] if "model" in given else list(given.get("models", []))
         if not candidates:
             raise OrtzoError(f"arm {arm!r}: give a model or a list of candidate models")
@@ -118,9 +166,11 @@ def _curves(out: Path, plan: dict[str, dict[str, Any]], spec: CompareSpec) -> li
     return rows
 
 
-def _summary(rows: list[dict[str, Any]], plan: dict[str, dict[str, Any]], spec: CompareSpec) -> list[dict[str, Any]]:
+def _summary(rows: list[dict[str, Any]], plan: dict[str, dict[str, Any]], spec: CompareSpec,
+             marks: dict[tuple[str, int], dict[float, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per arm: zero-shot and final accuracy (mean and standard deviation over seeds), steps,
-    the largest measured peak RSS against the predicted one."""
+    seconds per step, the accuracy at each wall-clock mark (median, min, max), the largest
+    measured peak RSS against the inference peak and the predicted one."""
     import numpy as np
 
     out = []
@@ -132,9 +182,16 @@ def _summary(rows: list[dict[str, Any]], plan: dict[str, dict[str, Any]], spec: 
                     "zero_shot": round(float(first.mean()), 4), "final_mean": round(float(last.mean()), 4),
                     "final_std": round(float(last.std(ddof=1)) if len(last) > 1 else 0.0, 4),
                     "steps_mean": round(float(np.mean([r[-1]["step"] for r in runs])), 1),
-                    "peak_rss_mib": round(max(r[-1]["peak_rss_mib"] or 0 for r in runs)),
-                    "predicted_mib": round(p["predicted_peak_bytes"] / 2**20),
-                    "over_budget": any(r[0]["over_budget"] for r in runs)})
+                    "s_per_step": round(float(np.mean([r[-1]["train_seconds"] / max(r[-1]["step"], 1)
+                                                       for r in runs])), 3)}
+                   | {f"acc_{m:g}min_{name}": round(float(f([marks[arm, s][m]["accuracy"] for s in spec.seeds])), 4)
+                      for m in spec.report_minutes for name, f in (("median", np.median), ("min", min), ("max", max))}
+                   | {"peak_rss_mib": round(max(r[-1]["peak_rss_mib"] or 0 for r in runs)),
+                      # the run's peak over its first (untrained, whole-split) evaluation's: inference
+                      "peak_vs_inference": round(max((r[-1]["peak_rss_mib"] or 0) / (r[0]["peak_rss_mib"] or 1)
+                                                     for r in runs), 3),
+                      "predicted_mib": round(p["predicted_peak_bytes"] / 2**20),
+                      "over_budget": any(r[0]["over_budget"] for r in runs)})
     return out
 
 

@@ -57,6 +57,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
     with run.locked():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)
+        saved.setdefault("group_by_length", 1)  # a run from before the option drew random batches
         old = RunConfig.build(saved, f"{run.config}: ")
         cfg = RunConfig.build(old.model_dump() | overrides).resolved()
         changed = {k: (getattr(old, k), getattr(cfg, k)) for k in overrides if getattr(old, k) != getattr(cfg, k)}

@@ -62,9 +62,14 @@ class Setup:
     def train_ids(self) -> list[list[int]]:
         return [self.encoder.encode(e) for e in self.splits.train]
 
+    @cached_property
+    def train_lengths(self) -> list[int]:
+        return [len(ids) for ids in self.train_ids]
+
     def train_batch(self, step: int) -> Batch:
         """The training batch of step `step`: a pure function of the step and the seed."""
-        idx = batch_indices(len(self.splits.train), self.cfg.batch_size, step, self.cfg.seed)
+        idx = batch_indices(len(self.splits.train), self.cfg.batch_size, step, self.cfg.seed,
+                            self.train_lengths, self.cfg.group_by_length)
         return self.encoder.batch([self.train_ids[i] for i in idx],
                                   [self.splits.train[i][self.task.label_field] for i in idx])
 

@@ -1,5 +1,11 @@
 """Prompts -> the graph's inputs: left padding, attention mask, position ids, and which
-positions and candidate ids the scoring head returns."""
+positions and candidate ids the scoring head returns.
+
+A label word is scored by the log-likelihood of all its tokens, as MeZO scores an option.
+When every word is one token, one sequence per example suffices: its last position scores
+all words at once. Otherwise each example becomes one sequence per word (prompt + the word's
+tokens but its last), the head returns each word token's log-prob at the position before it,
+and `Batch.candidate_scores` sums them per word."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +23,15 @@ from .task import Task
 class Batch:
     feeds: dict[str, np.ndarray]
     labels: np.ndarray
+    # multi-token words: [examples * words, scored rows], 1 where a row's log-prob belongs to
+    # (example, word); None when the head's rows already are the [examples, words] scores
+    combine: np.ndarray | None = None
+
+    def candidate_scores(self, head: np.ndarray) -> np.ndarray:
+        """[examples, words] label-word log-likelihoods from the scoring head's output."""
+        if self.combine is None:
+            return head
+        return (self.combine @ head[:, 0].astype(np.float64)).reshape(len(self.labels), -1)
 
 
 class Encoder:
@@ -24,12 +39,13 @@ class Encoder:
 
     def __init__(self, task: Task, tokenizer: Tokenizer, max_length: int = 256) -> None:
         self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
-        ids = [tokenizer.encode_plain(w) for w in task.label_words]
-        if any(not i for i in ids):
+        self.label_tokens = [tokenizer.encode_plain(w) for w in task.label_words]
+        if any(not t for t in self.label_tokens):
             raise OrtzoError(f"task {task.name}: a label word encodes to no token")
-        self.label_ids = np.array([i[0] for i in ids], np.int64)  # first token, as MeZO scores it
-        if len(set(self.label_ids.tolist())) != len(ids):
-            raise OrtzoError(f"task {task.name}: label words {task.label_words} share their first token")
+        if len(set(map(tuple, self.label_tokens))) != len(self.label_tokens):
+            raise OrtzoError(f"task {task.name}: label words {task.label_words} encode to the same tokens")
+        self.single_token = all(len(t) == 1 for t in self.label_tokens)
+        self.label_ids = np.array([t[0] for t in self.label_tokens], np.int64)  # their first tokens
 
     def encode(self, example: dict[str, Any]) -> list[int]:
         """Prompt ids, at most max_length. Too long: cut the truncate field from its left
@@ -51,7 +67,11 @@ class Encoder:
         return head + ids[len(ids) - self.max_length + len(head):]
 
     def batch(self, encoded: Sequence[list[int]], labels: Sequence[int]) -> Batch:
-        return Batch(collate(encoded, self.tokenizer.pad_id, self.label_ids), np.asarray(labels, np.int64))
+        labels = np.asarray(labels, np.int64)
+        if self.single_token:
+            return Batch(collate(encoded, self.tokenizer.pad_id, self.label_ids), labels)
+        feeds, combine = collate_words(encoded, self.tokenizer.pad_id, self.label_tokens)
+        return Batch(feeds, labels, combine)
 
 
 def collate(encoded: Sequence[list[int]], pad_id: int, candidates: np.ndarray) -> dict[str, np.ndarray]:
@@ -66,3 +86,23 @@ def collate(encoded: Sequence[list[int]], pad_id: int, candidates: np.ndarray) -
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
             "score_index": np.arange(b, dtype=np.int64) * s + s - 1,
             "score_ids": np.tile(candidates, (b, 1))}
+
+
+def collate_words(encoded: Sequence[list[int]], pad_id: int,
+                  words: Sequence[list[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One left-padded sequence per (example, word): the prompt, then the word's tokens but
+    its last. Each word token is scored at the position before it; returns the feeds and
+    the [examples * words, scored rows] matrix that sums a word's rows."""
+    seqs = [e + w[:-1] for e in encoded for w in words]
+    feeds = collate(seqs, pad_id, np.zeros(1, np.int64))
+    s = feeds["input_ids"].shape[1]
+    index, ids, owner = [], [], []
+    for r, (e, w) in enumerate((e, w) for e in encoded for w in words):
+        first = r * s + s - len(w)  # the prompt's last position predicts the word's first token
+        index += range(first, first + len(w))
+        ids += w
+        owner += [r] * len(w)
+    combine = np.zeros((len(seqs), len(ids)))
+    combine[owner, np.arange(len(ids))] = 1.0
+    return feeds | {"score_index": np.array(index, np.int64),
+                    "score_ids": np.array(ids, np.int64)[:, None]}, combine

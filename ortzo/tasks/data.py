@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,11 +204,24 @@ def subset(rows: Rows, n: int | None, seed: int) -> Rows:
     return [rows[i] for i in sorted(pick)]
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+def batch_indices(n: int, batch_size: int, step: int, seed: int, lengths: Sequence[int] | None = None,
+                  group: int = 1) -> np.ndarray:
     """The examples of step `step`: consecutive slices of one seeded permutation per epoch
     (the last incomplete slice of each is skipped). A pure function of the step, so a resumed
-    run sees the batches it would have seen."""
+    run sees the batches it would have seen.
+
+    With `lengths` and `group` > 1, each run of `group` consecutive slices is cut again by
+    length: its examples sorted by length, sliced, the slices taken in a seeded order. A batch
+    is padded to its longest prompt, so on SST-2 (17 tokens on average, 38 the longest of 16
+    random ones) this halves the tokens a forward computes; an epoch still sees every example
+    once (Hugging Face's `group_by_length` does the same for the same reason)."""
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    if lengths is None or group <= 1:
+        return perm[k * batch_size:(k + 1) * batch_size]
+    chunk, j = divmod(k, group)
+    members = perm[chunk * group * batch_size:min((chunk + 1) * group, per_epoch) * batch_size]
+    members = members[np.argsort(np.asarray(lengths)[members], kind="stable")]
+    pick = np.random.default_rng([seed, epoch, chunk]).permutation(len(members) // batch_size)[j]
+    return members[pick * batch_size:(pick + 1) * batch_size]

@@ -35,7 +35,7 @@ def evaluate(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_si
     for i in tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=desc is None):
         idx = order[i:i + batch_size]
         b = encoder.batch([encoded[j] for j in idx], labels[idx])
-        s = score(b.feeds)
+        s = b.candidate_scores(score(b.feeds))
         correct += int((s.argmax(axis=1) == b.labels).sum())
         total_loss += loss(s, b.labels) * len(idx)
     return {"accuracy": correct / len(examples), "loss": total_loss / len(examples)}
