@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,9 +64,14 @@ memory-table: setup $(TINY)/manifest.json $(MODEL)/manifest.json $(GEMMA)/manife
 compare-sst2 compare-boolq: compare-%: setup $(MODEL)/manifest.json $(GEMMA)/manifest.json
 	$(VENV)/bin/ortzo compare configs/compare-$*.toml --out runs/compare-$*
 
-# Issue 8's ablation (configs/ablation-sst2.toml: 4 arms x 3 seeds x 30 min, ~6 h); resumes.
+# Issue 8's ablation (configs/ablation-sst2.toml: 6 arms x 3 seeds x 30 min, ~9 h); resumes.
 ablation-sst2: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo compare configs/ablation-sst2.toml --out runs/ablation-sst2
+
+# Issue 8's other tasks with the default recipe (configs/tasks-smollm2.toml: RTE, SST-5, BoolQ,
+# 3 seeds x ~10 min each, ~1.5 h); resumes.
+tasks-smollm2: setup $(MODEL)/manifest.json
+	$(VENV)/bin/ortzo compare configs/tasks-smollm2.toml --out runs/tasks-smollm2
 
 # The accuracy run of the README: 1000 steps; run again after an interruption, it resumes.
 accuracy: setup $(MODEL)/manifest.json

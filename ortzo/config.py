@@ -78,8 +78,21 @@ def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
     return f"{flag(name)}: {msg} (got {err['input']!r})"
 
 
+# What a MeZO run through ONNX Runtime gets unless told otherwise, per estimator: the recipe
+# measured best (docs/ablation-sst2.md). FZOO's update is normalized, hence its far smaller lr.
+RECIPE = {"mezo": {"lr": 5e-5, "clip": 30.0}, "fzoo": {"lr": 1e-6, "clip": None}}
+
+
 class RunConfig(Settings):
     """Everything that defines a fine-tuning run."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, values: Any) -> Any:
+        """The ort engine's estimator picks the defaults of the settings it was measured with."""
+        if isinstance(values, dict) and values.get("engine", "ort") == "ort":
+            return RECIPE.get(values.get("estimator", "mezo"), {}) | values
+        return values
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
     task: str = setting(..., "built-in task (sst2, sst5, rte, boolq) or a task .toml spec")
@@ -95,10 +108,12 @@ class RunConfig(Settings):
     time_budget: float | None = setting(None, "end the run after the step at which its steps' seconds "
                                         "(train_seconds) reach this; evaluated and saved there", resumable=True, gt=0)
     batch_size: int = setting(16, "training examples per step", ge=1)
-    lr: float = setting(1e-5, "learning rate (peak, for the linear schedule)", resumable=True, ge=0)
+    lr: float = setting(1e-5, "learning rate (peak, for the linear schedule); default: 5e-5 (mezo), 1e-6 (fzoo), "
+                              "1e-5 (the torch engines)", resumable=True, ge=0)
     eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
-    schedule: Literal["constant", "linear"] = setting("constant", "learning-rate schedule; linear decays to 0 "
-                                                      "at schedule_steps")
+    schedule: Literal["constant", "linear", "wsd"] = setting("constant", "learning-rate schedule; linear decays "
+                                                             "to 0 at schedule_steps; wsd: constant, then linear "
+                                                             "to 0 over the last third of schedule_steps")
     schedule_steps: int | None = setting(None, "steps the schedule spans; default: --steps at the run's start",
                                          ge=1)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
@@ -110,8 +125,8 @@ class RunConfig(Settings):
                                                  "update divided by the losses' spread (needs --n-directions >= 2, "
                                                  "no --clip; its lr is far smaller)")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
-    clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping",
-                                 resumable=True, gt=0)
+    clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
+                                 "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)
     include: list[str] = setting(["*"], "glob patterns of the parameter names to train", min_length=1)
     exclude: list[str] = setting([], "glob patterns of parameter names to freeze")
     group_by_length: int = setting(8, "cut the training batches from runs of N random batches sorted by prompt "
@@ -224,6 +239,9 @@ class EvalOptions(Settings):
     eval_batch_size: int | None = setting(None, "examples per batch; default: the run's", ge=1,
                                           flags=("--batch-size",))
     target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider",))
+    calibrate: int | None = setting(None, "also report the accuracy after batch calibration: the mean label-word "
+                                    "log-probs of N training rows (labels unused) subtracted before the argmax",
+                                    ge=1)
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
 
 

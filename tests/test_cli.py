@@ -144,7 +144,7 @@ def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tm
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["lr"] == 1e-3 and cfg["clip"] == 2 and cfg["steps"] == 10 and cfg["seed"] == 0
     assert cfg["recorded"]["resumes"] == [{"at_step": 6, "changed": {"steps": [6, 10], "lr": [5e-3, 1e-3],
-                                                                     "clip": [None, 2.0]}}]
+                                                                     "clip": [30.0, 2.0]}}]
 
 
 def test_a_non_finite_loss_stops_the_run_and_a_smaller_lr_continues_it(tiny_model, tiny_data, tmp_path, capsys,
@@ -364,3 +364,16 @@ def test_a_time_budget_ends_the_run_after_the_step_that_reaches_it(tiny_model, t
     more = _lines(run / "steps.jsonl")
     assert len(more) > len(steps) and sum(s["seconds"] for s in more[:-1]) < 1.0 <= sum(s["seconds"] for s in more)
     assert _lines(run / "metrics.jsonl")[-1]["step"] == len(more)
+
+
+def test_the_defaults_follow_the_estimator_and_engine():
+    from ortzo.config import RunConfig
+
+    def built(**given):
+        c = RunConfig.build({"model": "m", "task": "sst2"} | given)
+        return c.lr, c.clip
+
+    assert built() == (5e-5, 30.0)  # MeZO's measured recipe
+    assert built(estimator="fzoo", n_directions=4) == (1e-6, None)  # normalized update: no clip
+    assert built(engine="torch-bp") == (1e-5, None) == built(engine="torch-mezo")
+    assert built(lr=1e-4, clip="none") == (1e-4, None)  # what is given wins; "none" is None in a config file

@@ -337,3 +337,27 @@ def test_label_words_with_the_same_tokens_are_refused(tiny_model, tmp_path, tiny
     spec.write_text(f'template = "{{sentence}}"\nlabel_words = [" good", " good"]\ndata = "{tiny_data}"\n')
     with pytest.raises(OrtzoError, match="encode to the same tokens"):
         Encoder(load_task(str(spec)), _tokenizer(tiny_model))
+
+
+def test_eval_calibrate_subtracts_the_mean_label_log_probs_of_training_rows(tiny_model, tiny_data, capsys):
+    import ortzo
+    from ortzo.cli import main
+
+    assert main(["eval", str(tiny_model), "--task", "sst2", "--template", "mezo", "--data", str(tiny_data),
+                 "--calibrate", "64"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = ortzo.open(tiny_model)
+    clf = model.classifier("sst2", template="mezo")
+
+    def log_probs(split):
+        rows = [json.loads(line) for line in (tiny_data / f"{split}.jsonl").read_text().splitlines()]
+        batch = clf.batch(rows)
+        s = batch.candidate_scores(model.run(batch.feeds)["scores"]).astype(np.float64)
+        return s - np.logaddexp.reduce(s, axis=1, keepdims=True), batch.labels
+
+    val, labels = log_probs("validation")
+    train, _ = log_probs("train")  # all 64 rows: their mean does not depend on the sample's order
+    assert got["accuracy"] == pytest.approx((val.argmax(1) == labels).mean())
+    assert got["calibrated_accuracy"] == pytest.approx(((val - train.mean(0)).argmax(1) == labels).mean())
+    assert main(["eval", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--calibrate", "65"]) == 2
+    assert "--calibrate 65: the training sample has 64 rows" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from ..model.manifest import MANIFEST
 from ..optim import steplog
 from ..run import checkpoint
 from ..run.folder import RunFolder
-from ..tasks.objective import evaluate
+from ..tasks.objective import calibration, evaluate
 from ..tasks.task import Task, load_task
 from .setup import prepare, stderr
 
@@ -46,5 +46,11 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
         engine = checkpoint.restore(run.path, log.records, steps, setup.load_store, setup.engine)
     else:
         raise OrtzoError(f"{path} is neither a trainable model folder nor a finetune run folder")
-    r = evaluate(engine.score, setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="eval")
+    offset = None
+    if opts.calibrate:
+        if opts.calibrate > len(setup.splits.train):
+            raise OrtzoError(f"--calibrate {opts.calibrate}: the training sample has "
+                             f"{len(setup.splits.train)} rows")
+        offset = calibration(engine.score, setup.encoder, setup.splits.train[:opts.calibrate], cfg.eval_batch_size)
+    r = evaluate(engine.score, setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="eval", offset=offset)
     return {"task": setup.task.name, "steps": steps, "examples": len(setup.splits.eval)} | r

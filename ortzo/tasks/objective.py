@@ -23,19 +23,36 @@ def loss(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-candidate_log_softmax(scores)[np.arange(len(labels)), labels].mean())
 
 
-def evaluate(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16,
-             desc: str | None = None) -> dict[str, float]:
-    """Accuracy and loss over `examples`, batched by length so padding stays small. With
-    `desc`, a progress bar by that name shows while it runs."""
+def label_scores(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16,
+                 desc: str | None = None) -> np.ndarray:
+    """[examples, label words] scores in the examples' order, batched by length so padding
+    stays small. With `desc`, a progress bar by that name shows while it runs."""
     encoded = [encoder.encode(e) for e in examples]
-    labels = np.array([e[encoder.task.label_field] for e in examples], np.int64)
     order = np.argsort([len(e) for e in encoded], kind="stable")
-    correct, total_loss = 0, 0.0
+    out = np.zeros((len(examples), len(encoder.task.label_words)))
     starts = range(0, len(order), batch_size)
     for i in tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=desc is None):
         idx = order[i:i + batch_size]
-        b = encoder.batch([encoded[j] for j in idx], labels[idx])
-        s = b.candidate_scores(score(b.feeds))
-        correct += int((s.argmax(axis=1) == b.labels).sum())
-        total_loss += loss(s, b.labels) * len(idx)
-    return {"accuracy": correct / len(examples), "loss": total_loss / len(examples)}
+        b = encoder.batch([encoded[j] for j in idx], np.zeros(len(idx), np.int64))
+        out[idx] = b.candidate_scores(score(b.feeds))
+    return out
+
+
+def evaluate(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16,
+             desc: str | None = None, offset: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy and loss over `examples`; with an `offset` (a `calibration`), also the
+    accuracy after subtracting it."""
+    s = label_scores(score, encoder, examples, batch_size, desc)
+    labels = np.array([e[encoder.task.label_field] for e in examples], np.int64)
+    r = {"accuracy": float((s.argmax(axis=1) == labels).mean()), "loss": loss(s, labels)}
+    if offset is not None:
+        r["calibrated_accuracy"] = float(((candidate_log_softmax(s) - offset).argmax(axis=1) == labels).mean())
+    return r
+
+
+def calibration(score: Scorer, encoder: Encoder, examples: Sequence[dict], batch_size: int = 16) -> np.ndarray:
+    """Batch calibration (Zhou et al., ICLR 2024, arXiv 2309.17249): the mean over unlabeled
+    examples of the label words' log-probs renormalised over the candidates. A prompt's bias
+    towards one word ("always great") shows as a large mean; subtracting it before the argmax
+    removes the bias without training."""
+    return candidate_log_softmax(label_scores(score, encoder, examples, batch_size)).mean(axis=0)
