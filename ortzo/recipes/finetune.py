@@ -101,7 +101,8 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
     t = setup.task
     print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
           f"lr {cfg.lr:g} ({cfg.schedule}{f' over {cfg.schedule_steps} steps' * (cfg.schedule != 'constant')}), "
-          f"eps {cfg.eps:g}, batch {cfg.batch_size} (grouped by length in runs of {cfg.group_by_length}), "
+          f"eps {cfg.eps:g}, batch {cfg.batch_size} "
+          f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
           f"clip {cfg.clip}, "
           f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}")
 
