@@ -84,9 +84,9 @@ def wall_step(seconds: list[float], history: list[dict[str, Any]], limit: float)
 
 def _marks(folder: Path, minutes: list[float]) -> dict[float, dict[str, Any]]:
     """Per mark: the step reached then and the whole evaluation split's accuracy there."""
-    run = RunFolder(folder)
     if not minutes:
         return {}
+    run = RunFolder(folder)
     cache_file = folder / "marks.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     engine = run.read_config().get("engine", "ort")
