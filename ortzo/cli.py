@@ -138,10 +138,10 @@ def _bench(a: argparse.Namespace) -> None:
 
 
 def _bench_export(a: argparse.Namespace) -> None:
-    from .recipes.bench import bench_export
+    from .recipes.bench_export import bench_export
 
     o = BenchExportOptions.build(config.given(a, BenchExportOptions))
-    bench_export(Path(o.work), o.layers, o.hidden, o.intermediate, o.vocab)
+    bench_export(o.model, Path(o.work), o.random, o.layers, o.source_dtype, o.dtype, o.shard_mib, o.short_layers)
 
 
 def _targets(a: argparse.Namespace) -> None:
@@ -215,8 +215,9 @@ def _parser() -> argparse.ArgumentParser:
     b = command("bench", "MeZO step vs forward time (interleaved in one process) and peak memory", _bench)
     config.add_options(b, BenchOptions, positional=("model",))
 
-    x = command("bench-export", "peak memory of the export pass on a random multi-GB Llama", _bench_export)
-    config.add_options(x, BenchExportOptions)
+    x = command("bench-export", "peak memory of a whole export (a random-weight Llama-2-7B with --random)",
+                _bench_export)
+    config.add_options(x, BenchExportOptions, positional=("model",), optional_positional=True)
 
     command("targets", "the execution-provider targets (targets/*.toml) and whether this onnxruntime build "
             "runs each here", _targets)

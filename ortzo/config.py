@@ -307,11 +307,18 @@ class BenchOptions(Settings):
 
 
 class BenchExportOptions(Settings):
-    work: str = setting(..., "folder for the random model and its exports (~7 GB)")
-    layers: int = setting(19, "decoder layers (19 x hidden 1536: 2.2 GB of fp32, past protobuf's 2 GB)", ge=1)
-    hidden: int = setting(1536, "hidden size (a multiple of 256)", ge=256, multiple_of=256)
-    intermediate: int = setting(4096, "MLP size", ge=1)
-    vocab: int = setting(32000, "vocabulary size", ge=16)
+    """`ortzo bench-export`: peak RSS of a whole export against 0.3 x the fp32 weight bytes + 2 GB."""
+
+    model: str = setting("llama2-7b", "alias or path to export; with --random, the alias whose config the random "
+                         "checkpoint takes")
+    work: str = setting(..., "folder for the checkpoint and the exports (Llama-2-7B: ~45 GB of disk)")
+    random: bool = setting(False, "export a random-weight checkpoint with the alias's config, written as sharded "
+                           "safetensors, then check the folder against it and score a truncated copy")
+    layers: int | None = setting(None, "--random: decoder layers (default: the config's)", ge=1)
+    source_dtype: Literal["float16", "bfloat16"] = setting("float16", "--random: the checkpoint's dtype")
+    dtype: Literal["float32", "float16"] = setting("float32", "the folder's weight dtype")
+    shard_mib: int = setting(4096, "--random: the checkpoint's shard size", ge=1)
+    short_layers: int = setting(2, "--random: layers of the truncated copy scored against PyTorch", ge=1)
 
 
 class MemoryOptions(Settings):

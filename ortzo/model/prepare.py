@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import OrtzoError
 from ..files import atomic_open
-from .manifest import Manifest
+from .manifest import Manifest, Parameter
 
 TOKENIZER = "tokenizer.json"
 FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT and FLOAT16: the manifest's dtypes
@@ -36,7 +36,7 @@ def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None
     copy `tokenizer` (default: a tokenizer.json beside the model) if there is one. Returns `out`."""
     import onnx
 
-    from .export.convert import GRAPH, WEIGHTS, weights_to_inputs
+    from .export.convert import GRAPH, WEIGHTS
 
     src, out = Path(onnx_path), Path(out)
     model = _load(src)
@@ -58,7 +58,7 @@ def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp") as tmp:
         build = Path(tmp) / "trainable"
         build.mkdir()
-        params, sha256, size = weights_to_inputs(model, names, build / WEIGHTS, src.parent)
+        params, sha256, size = _weights_to_inputs(model, names, build / WEIGHTS, src.parent)
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as e:
@@ -78,6 +78,44 @@ def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None
             shutil.rmtree(out)
         build.rename(out)
     return out
+
+
+def _weights_to_inputs(model, names: dict[str, str], path: Path, base: Path) -> tuple[list[Parameter], str, int]:
+    """Move the initializers `names` maps (initializer name -> parameter name) out of `model`
+    into the flat weight file `path` and make them graph inputs under their parameter names.
+
+    Streamed in graph order, one tensor in memory at a time, each in its own dtype. What stays
+    external (`base` is its folder) is small and is pulled into the graph. Returns the
+    parameters, the file's sha256 and its size."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from .export.flatfile import FlatWriter
+
+    g = model.graph
+    keep = []
+    writer = FlatWriter(path)
+    for init in g.initializer:
+        if init.name not in names:
+            keep.append(init)
+            continue
+        arr = numpy_helper.to_array(init, str(base))
+        writer.add(names[init.name], arr, arr.dtype.name)
+        del arr
+    sha256 = writer.close()
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    load_external_data_for_model(model, str(base))
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+    params = list(writer.written.values())
+    for p in params:
+        g.input.append(helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.dtype(p.dtype)),
+                                                     list(p.shape)))
+    return params, sha256, writer.size
 
 
 def _is_parameter(init) -> bool:

@@ -14,8 +14,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from ..files import atomic_open
 from ..memory import estimate
 from ..model.manifest import Manifest, hf_config
@@ -111,84 +109,9 @@ def bench_memory(model: Path, shapes: list[str], target: str, out: Path | None =
     return rows
 
 
-def bench_export(work: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> None:
-    """Peak RSS of the conversion pass on a random Llama of several GB (untied, fp32).
-
-    The model is built and exported by Optimum in their own processes; the pass that turns the
-    export into a trainable folder runs alone in a third, so its peak RSS is its own."""
-    hf, onnx_dir, out = work / "hf", work / "onnx", work / "trainable"
-    if not (hf / "config.json").is_file():
-        _child(["random-llama", str(hf), str(layers), str(hidden), str(intermediate), str(vocab)])
-    if not (onnx_dir / "model.onnx").is_file():
-        from optimum.exporters.onnx import main_export  # noqa: F401  (fail early without the extra)
-
-        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                        "from ortzo.model.export.trace import optimum_export; "
-                        "optimum_export(Path(sys.argv[1]), Path(sys.argv[2]), 17)", str(hf), str(onnx_dir)],
-                       check=True)
-    r = _child(["convert", str(onnx_dir / "model.onnx"), str(hf), str(out)])
-    graph_mib = (out / "model.onnx").stat().st_size / 2**20
-    print(f"random Llama: {r['weights_bytes'] / 2**30:.2f} GiB of fp32 weights, weight-free graph {graph_mib:.1f} MiB")
-    print(f"conversion pass: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB = "
-          f"{r['peak_rss_mib'] * 2**20 / r['weights_bytes']:.2f} x the weight bytes")
-    c = _child(["check", str(out), str(hf)])
-    print(f"the folder loads in ORT: max |ORT - PyTorch| over scored log-probs = {c['max_abs_diff']:.2e}")
-
-
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, "-m", "ortzo.recipes.bench", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _random_llama(folder: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # equal initializers would be merged by the exporter
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
-
-
-def _check(folder: Path, hf: Path) -> dict:
-    """Scores of the trainable folder against the PyTorch model it came from."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..tasks.batches import collate
-
-    store = WeightStore.load(folder, Manifest.load(folder))
-    session = ScoringSession(folder, store, load_target("cpu"))
-    feeds = collate([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0, np.array([1, 2, 3]))
-    got = session(feeds)
-    del session, store
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(**{k: torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask", "position_ids")}).logits
-    want = torch.log_softmax(logits[:, -1], -1)[:, [1, 2, 3]].numpy()
-    return {"max_abs_diff": float(np.abs(got - want).max())}
-
-
-def _convert(onnx_path: Path, hf: Path, out: Path) -> dict:
-    import shutil
-
-    from ..model.export.convert import convert
-
-    from tokenizers import Tokenizer, models
-
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(str(out / "tokenizer.json"))  # no text here
-    t = time.perf_counter()
-    m = convert(onnx_path, hf, out, {"file": "tokenizer.json", "add_bos": False, "bos_id": None, "pad_id": 0},
-                source={"model": str(hf)})
-    return {"seconds": time.perf_counter() - t, "weights_bytes": m.weights_bytes}
 
 
 def _measure(model: Path, batch_size: int, seq_len: int, repeats: int, target_name: str, mode: str) -> dict:
@@ -256,11 +179,7 @@ if __name__ == "__main__":
     what, *a = sys.argv[1:]
     if what == "step":
         result = _measure(Path(a[0]), int(a[1]), int(a[2]), int(a[3]), a[4], a[5])
-    elif what == "check":
-        result = _check(Path(a[0]), Path(a[1]))
-    elif what == "random-llama":
-        result = _random_llama(Path(a[0]), *map(int, a[1:]))
     else:
-        result = _convert(Path(a[0]), Path(a[1]), Path(a[2]))
+        raise SystemExit(f"unknown step {what!r}")
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))

@@ -1,44 +1,60 @@
-"""`ortzo export`: a Hugging Face causal LM -> a trainable model folder.
+"""`ortzo export`: a Hugging Face causal LM -> a trainable model folder, in memory that does
+not grow with the model.
 
-Stages: resolve the source (sources), load it as safetensors (GGUF dequantized to fp32),
-trace the graph with Optimum (trace), write the tokenizer (tokenizer), then the ortzo pass
-(convert): PyTorch names, tied weights one buffer, weights to named inputs and one flat
-file, the scoring head (head), the Hugging Face config; then the full-logits graph
-(model.logits). The folder is built beside `out` and renamed into place.
+Stages: open the source (sources: its config and a reader of its tensors, tensors), trace the
+graph with Optimum on placeholder weights (trace), write the tokenizer (tokenizer), then the
+ortzo pass (convert): the weights streamed one at a time from the source files into one flat
+file under their PyTorch names, tied weights one buffer, the scoring head (head), the Hugging
+Face config; then the full-logits graph (model.logits).
+
+The folder is built in `.NAME.partial` beside `out` and renamed into place when whole. An
+export that dies (killed, out of disk) leaves that folder; running the same export again
+resumes it: the traced graph is kept and the weight file goes on from its last whole tensor.
+A different request (model, dtype, opset, format) starts it afresh.
 
 Needs the `export` extra (torch, optimum-onnx, transformers); the runtime never imports this.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import IO, Any
 
 from ...errors import OrtzoError
 from ..manifest import Manifest
 from ..mobile import add_ort_graph
 from .convert import convert
-from .sources import load_to_folder, resolve
+from .sources import open_checkpoint, resolve
 from .tokenizer import export_tokenizer
-from .trace import optimum_export
+from .trace import GRAPH, trace_graph
 
-__all__ = ["export_model"]
+__all__ = ["export_model", "partial_folder"]
 
 STAGES = 4
+REQUEST = "request.json"
+TRACED = "traced"  # the trace's folder inside the partial one, whole once the graph is in it
+
+
+def partial_folder(out: Path) -> Path:
+    """Where the export of `out` is built (and left, to resume, if it dies)."""
+    return out.parent / f".{out.name}.partial"
 
 
 def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32",
                  verbose: bool = False, say: Callable[[str], None] = print, graph_format: str = "onnx") -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then
-    renamed). Prints its stages through `say`; third-party output and warnings are hidden
-    unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile targets)."""
+    renamed) and resumably. Prints its stages through `say`; third-party output and warnings
+    are hidden unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile)."""
+    from filelock import FileLock, Timeout
+
     out = Path(out)
     if dtype not in ("float32", "float16"):
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
@@ -52,20 +68,34 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
     quiet = _quiet if not verbose else nullcontext
     source = resolve(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp") as tmp:
-        tmp = Path(tmp)
-        what = "dequantizing the GGUF to fp32" if source.kind == "gguf" else "reading the weights"
-        with _stage(say, stages, 1, f"loading {source.location} ({what})"), quiet():
-            hf_dir = load_to_folder(source, tmp / "hf")
-        with _stage(say, stages, 2, f"tracing the graph with Optimum (opset {opset})"), quiet():
-            graph = optimum_export(hf_dir, tmp / "onnx", opset)
-        build = tmp / "trainable"
-        build.mkdir()
+    work = partial_folder(out)
+    try:
+        lock = FileLock(str(work) + ".lock", timeout=0).acquire()
+    except Timeout:
+        raise OrtzoError(f"another export into {out} is running") from None
+    with lock:
+        _start_or_resume(work, {"model": model, "location": source.location, "dtype": dtype, "opset": opset,
+                                "graph_format": graph_format}, say)
+        with _stage(say, stages, 1, f"opening {source.location} (config and tensor index; no weights)"), quiet():
+            ckpt = open_checkpoint(source)
+        traced = work / TRACED
+        if not (traced / GRAPH).is_file():
+            with _stage(say, stages, 2, f"tracing the graph with Optimum on placeholder weights (opset {opset})"), \
+                    quiet():
+                shutil.rmtree(work / f"{TRACED}.tmp", ignore_errors=True)
+                trace_graph(ckpt.config, work / f"{TRACED}.tmp", opset)
+                os.replace(work / f"{TRACED}.tmp", traced)
+        else:
+            say(f"[2/{stages}] the graph traced before is kept")
+        build = work / "trainable"
+        build.mkdir(exist_ok=True)
         with _stage(say, stages, 3, "writing the tokenizer"), quiet():
-            tok = export_tokenizer(source, hf_dir, build)
-        with _stage(say, stages, 4, f"moving the weights to inputs ({dtype}) and adding the scoring head"), quiet():
-            manifest = convert(graph, hf_dir, build, tok, dtype=dtype,
-                               source={"model": model, "kind": source.kind, "location": source.location})
+            tok = export_tokenizer(source, ckpt.folder, build)
+        with _stage(say, stages, 4, f"streaming the weights into the folder ({dtype}), adding the scoring head"), \
+                quiet() as terminal:
+            manifest = convert(traced / GRAPH, ckpt.config, ckpt.tensors, build, tok, dtype=dtype,
+                               source={"model": model, "kind": source.kind, "location": source.location},
+                               progress=lambda items, total: _progress(items, total, terminal))
             from ..logits import write_logits_graph  # here: model.logits imports this package's head
 
             manifest = write_logits_graph(build)
@@ -75,7 +105,30 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)
+        shutil.rmtree(work)
+    Path(str(work) + ".lock").unlink(missing_ok=True)
     return manifest
+
+
+def _start_or_resume(work: Path, request: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Keep a partial export of the same request; anything else in its place is removed."""
+    try:
+        same = json.loads((work / REQUEST).read_text()) == request
+    except (OSError, ValueError):
+        same = False
+    if same:
+        say(f"resuming the export left in {work}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    (work / REQUEST).write_text(json.dumps(request))
+
+
+def _progress(items: Iterable[Any], total: int, terminal: IO[str] | None) -> Iterable[Any]:
+    """A progress bar on the terminal's stderr (quiet stages send file descriptor 2 elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="weights", unit="tensor", file=terminal, leave=False)
 
 
 @contextmanager
@@ -87,9 +140,10 @@ def _stage(say: Callable[[str], None], stages: int, n: int, text: str) -> Iterat
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> Iterator[IO[str]]:
     """Hide what the exporters print (warnings, logs, progress bars, C++ messages): file
-    descriptors 1 and 2 go to /dev/null. A failure still raises; --verbose shows it all."""
+    descriptors 1 and 2 go to /dev/null. Yields the terminal's stderr, for ortzo's own
+    progress. A failure still raises; --verbose shows it all."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -98,9 +152,9 @@ def _quiet() -> Iterator[None]:
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open(saved[1], "w", closefd=False) as terminal:
             warnings.simplefilter("ignore")
-            yield
+            yield terminal
     except OrtzoError:
         raise
     except Exception as e:

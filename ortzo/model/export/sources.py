@@ -1,6 +1,6 @@
 """Where a model comes from: an alias in export/, a hub id, a local Hugging Face folder, or a
-GGUF file (also one shipped inside a pip package); and loading it into a local folder of
-safetensors that Optimum can export."""
+GGUF file (also one shipped inside a pip package); and opening it: its config and a reader of
+its tensors, so that no export ever holds the whole model."""
 from __future__ import annotations
 
 import importlib
@@ -18,6 +18,7 @@ from filelock import FileLock
 
 from ...errors import OrtzoError
 from ...files import sha256_file
+from .tensors import GGUFTensors, SafetensorsFiles, Tensors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -91,21 +92,39 @@ def _assembled(d: dict[str, Any]) -> Path:
             tmp.unlink(missing_ok=True)
     return target
 
-def load_to_folder(source: Source, work: Path) -> Path:
-    """A local HF folder with safetensors: GGUF files are dequantized to fp32 first."""
-    if source.kind == "dir":
-        return Path(source.location)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class Checkpoint:
+    """What an export reads from a source: its config, its tensors one at a time, and the
+    folder that holds its tokenizer files (None for a GGUF, which holds its own)."""
+
+    config: Any
+    tensors: Tensors
+    folder: Path | None
+
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def open_checkpoint(source: Source) -> Checkpoint:
+    """The config and a tensor reader; no weights are read. A hub model is downloaded first
+    (its safetensors, config and tokenizer files only)."""
+    from transformers import AutoConfig
 
     try:
         if source.kind == "gguf":
+            from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
             gguf = Path(source.location)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32)
-            AutoTokenizer.from_pretrained(source.location).save_pretrained(work)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config.architectures = config.architectures or [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+            return Checkpoint(config, GGUFTensors(gguf, config), None)
+        folder = Path(source.location) if source.kind == "dir" else _download(source.location)
+        return Checkpoint(AutoConfig.from_pretrained(folder), SafetensorsFiles(folder), folder)
     except OSError as e:
         raise OrtzoError(f"cannot load {source.location}: {str(e).splitlines()[0]}") from None
-    model.save_pretrained(work)
-    return work
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))

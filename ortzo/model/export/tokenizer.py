@@ -11,7 +11,7 @@ from .sources import Source
 TOKENIZER = "tokenizer.json"
 
 
-def export_tokenizer(source: Source, hf_dir: Path, out: Path) -> dict[str, Any]:
+def export_tokenizer(source: Source, hf_dir: Path | None, out: Path) -> dict[str, Any]:
     """Save tokenizer.json and what encoding needs. GGUF settings come from the file itself,
     because transformers 4.57 misreads them (it turns on add_bos for SmolLM2)."""
     from transformers import AutoTokenizer
