@@ -156,7 +156,7 @@ def test_a_killed_export_resumes_to_the_same_folder(tmp_path, monkeypatch, capsy
     assert not partial_folder(out).exists()
 
 
-def test_a_different_request_starts_afresh_and_a_checkpoint_without_safetensors_is_refused(tmp_path):
+def test_a_different_request_starts_afresh_a_busy_folder_and_no_safetensors_are_refused(tmp_path):
     hf = make_tiny_llama(tmp_path / "hf", seed=5)
     stale = partial_folder(tmp_path / "out")
     stale.mkdir()
@@ -164,6 +164,11 @@ def test_a_different_request_starts_afresh_and_a_checkpoint_without_safetensors_
     (stale / "junk").write_text("x")
     export_model(str(hf), tmp_path / "out", dtype="float16", say=lambda _: None)
     assert not stale.exists() and Manifest.load(tmp_path / "out").parameters[0].dtype == "float16"
+    from filelock import FileLock
+
+    with FileLock(str(partial_folder(tmp_path / "busy")) + ".lock"):  # as another export holds it
+        with pytest.raises(OrtzoError, match="another export into .*busy is running"):
+            export_model(str(hf), tmp_path / "busy")
     (hf / "model.safetensors").unlink()
     with pytest.raises(OrtzoError, match="holds no model.safetensors"):
         export_model(str(hf), tmp_path / "again")

@@ -32,7 +32,7 @@ from ...errors import OrtzoError
 from ..manifest import Manifest
 from ..mobile import add_ort_graph
 from .convert import convert
-from .sources import open_checkpoint, resolve
+from .sources import Source, open_checkpoint, resolve
 from .tokenizer import export_tokenizer
 from .trace import GRAPH, trace_graph
 
@@ -60,7 +60,6 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if graph_format not in ("onnx", "ort"):
         raise OrtzoError(f"unsupported graph format {graph_format!r}; choose onnx or ort")
-    stages = STAGES + (graph_format == "ort")
     if out.exists() and not out.is_dir():
         raise OrtzoError(f"{out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
@@ -74,39 +73,52 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
     except Timeout:
         raise OrtzoError(f"another export into {out} is running") from None
     with lock:
-        _start_or_resume(work, {"model": model, "location": source.location, "dtype": dtype, "opset": opset,
-                                "graph_format": graph_format}, say)
-        with _stage(say, stages, 1, f"opening {source.location} (config and tensor index; no weights)"), quiet():
-            ckpt = open_checkpoint(source)
-        traced = work / TRACED
-        if not (traced / GRAPH).is_file():
-            with _stage(say, stages, 2, f"tracing the graph with Optimum on placeholder weights (opset {opset})"), \
-                    quiet():
-                shutil.rmtree(work / f"{TRACED}.tmp", ignore_errors=True)
-                trace_graph(ckpt.config, work / f"{TRACED}.tmp", opset)
-                os.replace(work / f"{TRACED}.tmp", traced)
-        else:
-            say(f"[2/{stages}] the graph traced before is kept")
-        build = work / "trainable"
-        build.mkdir(exist_ok=True)
-        with _stage(say, stages, 3, "writing the tokenizer"), quiet():
-            tok = export_tokenizer(source, ckpt.folder, build)
-        with _stage(say, stages, 4, f"streaming the weights into the folder ({dtype}), adding the scoring head"), \
-                quiet() as terminal:
-            manifest = convert(traced / GRAPH, ckpt.config, ckpt.tensors, build, tok, dtype=dtype,
-                               source={"model": model, "kind": source.kind, "location": source.location},
-                               progress=lambda items, total: _progress(items, total, terminal))
-            from ..logits import write_logits_graph  # here: model.logits imports this package's head
-
-            manifest = write_logits_graph(build)
-        if graph_format == "ort":
-            with _stage(say, stages, 5, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
-                manifest = add_ort_graph(build, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        build.rename(out)
-        shutil.rmtree(work)
+        try:
+            manifest = _build(model, source, out, work, opset, dtype, graph_format, say, quiet)
+        except BaseException:
+            if work.is_dir():
+                say(f"the partial export stays in {work}: the same command resumes it (or delete it)")
+            raise
     Path(str(work) + ".lock").unlink(missing_ok=True)
+    return manifest
+
+
+def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype: str, graph_format: str,
+           say: Callable[[str], None], quiet: Callable[[], Any]) -> Manifest:
+    """The export's stages in `work`, then `out` replaced by its result."""
+    stages = STAGES + (graph_format == "ort")
+    _start_or_resume(work, {"model": model, "location": source.location, "dtype": dtype, "opset": opset,
+                            "graph_format": graph_format}, say)
+    with _stage(say, stages, 1, f"opening {source.location} (config and tensor index; no weights)"), quiet():
+        ckpt = open_checkpoint(source)
+    traced = work / TRACED
+    if not (traced / GRAPH).is_file():
+        with _stage(say, stages, 2, f"tracing the graph with Optimum on placeholder weights (opset {opset})"), \
+                quiet():
+            shutil.rmtree(work / f"{TRACED}.tmp", ignore_errors=True)
+            trace_graph(ckpt.config, work / f"{TRACED}.tmp", opset)
+            os.replace(work / f"{TRACED}.tmp", traced)
+    else:
+        say(f"[2/{stages}] the graph traced before is kept")
+    build = work / "trainable"
+    build.mkdir(exist_ok=True)
+    with _stage(say, stages, 3, "writing the tokenizer"), quiet():
+        tok = export_tokenizer(source, ckpt.folder, build)
+    with _stage(say, stages, 4, f"streaming the weights into the folder ({dtype}), adding the scoring head"), \
+            quiet() as terminal:
+        manifest = convert(traced / GRAPH, ckpt.config, ckpt.tensors, build, tok, dtype=dtype,
+                           source={"model": model, "kind": source.kind, "location": source.location},
+                           progress=lambda items, total: _progress(items, total, terminal))
+        from ..logits import write_logits_graph  # here: model.logits imports this package's head
+
+        manifest = write_logits_graph(build)
+    if graph_format == "ort":
+        with _stage(say, stages, 5, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
+            manifest = add_ort_graph(build, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    build.rename(out)
+    shutil.rmtree(work)
     return manifest
 
 
