@@ -4,9 +4,9 @@ constant folding, and every parameter a graph input under its PyTorch name.
 
 The model is built from its config with placeholder parameters: each a zero-stride view of
 its own 0-d tensor (a few bytes, whatever its shape), so tracing a 7B model holds no weights.
-The forward really runs on them (a Linear copies its placeholder to a dense block for the
-matmul, one at a time), so the graph is exactly the one a traced real model gives: the
-weights do not steer control flow in these families. The exporter is told not to store the
+The forward really runs on them (measured: ~0.1 GB for Gemma 3 270M's, no dense copy of the
+weights), so the graph is exactly the one a traced real model gives: the weights do not
+steer control flow in these families. The exporter is told not to store the
 parameters and to keep them as inputs, which also skips its merging of equal initializers
 (it would merge placeholders of equal value). Unfolded, Gemma's `1 + weight` norms and tied
 embeddings stay as PyTorch has them; the ortzo pass (convert) folds the transposes itself.
