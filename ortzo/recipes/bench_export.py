@@ -41,10 +41,12 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
     if random:
         config = _random_config(model, layers)
         source = work / SOURCE
-        if not (source / COMPLETE).is_file():
+        wanted = json.dumps({"config": config, "dtype": source_dtype, "shard_mib": shard_mib}, sort_keys=True)
+        done = (source / COMPLETE).read_text() if (source / COMPLETE).is_file() else None
+        if done != wanted:  # none yet, or one written for other settings
             print(f"writing a random {source_dtype} checkpoint with {model}'s config "
                   f"({config['num_hidden_layers']} layers) to {source} ...", flush=True)
-            r = _child(["random", str(source), json.dumps(config), source_dtype, str(shard_mib)])
+            r = _child(["random", str(source), json.dumps(config), source_dtype, str(shard_mib), wanted])
             print(f"  {r['bytes'] / 1e9:.2f} GB in {r['shards']} shards, {r['seconds']:.0f} s, "
                   f"writer peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
         report |= {"layers": config["num_hidden_layers"], "source_dtype": source_dtype}
@@ -69,7 +71,7 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
         report |= {"tensors": c["tensors"], "tensors_equal": c["equal"], "sha256_ok": c["sha256_ok"]}
         print(f"  {c['equal']} of {c['tensors']} source tensors byte-equal in the folder "
               f"({c['tied']} tied), manifest sha256 {'matches' if c['sha256_ok'] else 'DIFFERS'}", flush=True)
-        short = work / SHORT
+        short, short_layers = work / SHORT, min(short_layers, config["num_hidden_layers"])
         _child(["truncate", str(work / SOURCE), str(short), str(short_layers)])
         _child(["export", str(short), str(work / SHORT_FOLDER), dtype])
         s = _child(["score", str(work / SHORT_FOLDER), str(short), str(out)])
@@ -98,7 +100,7 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- child steps
 
-def _write_random(folder: Path, config: dict[str, Any], dtype: str, shard_mib: int) -> dict[str, Any]:
+def _write_random(folder: Path, config: dict[str, Any], dtype: str, shard_mib: int, marker: str) -> dict[str, Any]:
     """A random checkpoint as sharded safetensors: one shard's tensors in memory at a time.
     Norm weights are drawn around 1 and matrices at 0.02, as the models are initialised."""
     import torch
@@ -149,7 +151,7 @@ def _write_random(folder: Path, config: dict[str, Any], dtype: str, shard_mib: i
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
                             ).save_pretrained(folder)
-    (folder / COMPLETE).write_text("")
+    (folder / COMPLETE).write_text(marker)  # last: a killed writer leaves no marker
     return {"bytes": written, "shards": total, "seconds": time.perf_counter() - t}
 
 
@@ -254,7 +256,7 @@ def _score(folder: Path, short: Path, full: Path) -> dict[str, Any]:
 if __name__ == "__main__":
     what, *a = sys.argv[1:]
     if what == "random":
-        result = _write_random(Path(a[0]), json.loads(a[1]), a[2], int(a[3]))
+        result = _write_random(Path(a[0]), json.loads(a[1]), a[2], int(a[3]), a[4])
     elif what == "export":
         result = _export(a[0], Path(a[1]), a[2])
     elif what == "check":
