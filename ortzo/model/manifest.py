@@ -46,6 +46,14 @@ class Parameter:
     def nbytes(self) -> int:
         return self.size * DTYPES[self.dtype]
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, p: dict[str, Any]) -> Parameter:
+        return cls(p["name"], tuple(int(s) for s in p["shape"]), p["dtype"], int(p["offset"]),
+                   bool(p.get("transposed", False)))
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -65,7 +73,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["parameters"] = [asdict(p) | {"shape": list(p.shape)} for p in self.parameters]
+        d["parameters"] = [p.to_json() for p in self.parameters]
         return d
 
     def save(self, folder: str | Path) -> None:
@@ -82,11 +90,7 @@ class Manifest:
             d = json.loads(path.read_text(encoding="utf-8"))
             if d.get("format") != FORMAT:
                 raise OrtzoError(f"{path}: unknown format {d.get('format')!r}, expected {FORMAT!r}")
-            params = tuple(
-                Parameter(p["name"], tuple(int(s) for s in p["shape"]), p["dtype"], int(p["offset"]),
-                          bool(p.get("transposed", False)))
-                for p in d["parameters"]
-            )
+            params = tuple(Parameter.from_json(p) for p in d["parameters"])
             m = cls(graph=d["graph"], weights=d["weights"], weights_sha256=d["weights_sha256"],
                     weights_bytes=int(d["weights_bytes"]), parameters=params,
                     inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),

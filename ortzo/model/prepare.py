@@ -87,10 +87,10 @@ def _weights_to_inputs(model, names: dict[str, str], path: Path, base: Path) -> 
     Streamed in graph order, one tensor in memory at a time, each in its own dtype. What stays
     external (`base` is its folder) is small and is pulled into the graph. Returns the
     parameters, the file's sha256 and its size."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_model
 
+    from .export.convert import declare_inputs, rename_inputs
     from .export.flatfile import FlatWriter
 
     g = model.graph
@@ -107,14 +107,9 @@ def _weights_to_inputs(model, names: dict[str, str], path: Path, base: Path) -> 
     del g.initializer[:]
     g.initializer.extend(keep)
     load_external_data_for_model(model, str(base))
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in names:
-                node.input[i] = names[name]
+    rename_inputs(g, names)
     params = list(writer.written.values())
-    for p in params:
-        g.input.append(helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.dtype(p.dtype)),
-                                                     list(p.shape)))
+    declare_inputs(g, params)
     return params, sha256, writer.size
 
 

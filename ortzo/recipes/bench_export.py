@@ -11,7 +11,6 @@ truncated copy (its first layers) is exported and scored against PyTorch on the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OrtzoError
-from ..files import write_json
+from ..files import sha256_file, write_json
 from ..memory import alias_config
 from .measure import peak_rss_mib
 
@@ -105,15 +104,15 @@ def _write_random(folder: Path, config: dict[str, Any], dtype: str, shard_mib: i
     Norm weights are drawn around 1 and matrices at 0.02, as the models are initialised."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from ..model.export.names import meta_model
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     cfg = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(cfg)
-    shapes = {name: p.shape for name, p in meta.named_parameters()}  # tied ones once, as save_pretrained does
+    shapes = {name: p.shape for name, p in meta_model(cfg).named_parameters()}  # tied ones once, as save_pretrained does
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     tdtype = getattr(torch, dtype)
@@ -188,11 +187,8 @@ def _check(folder: Path, source: Path) -> dict[str, Any]:
             f.seek(p.offset)
             equal += f.read(p.nbytes) == want.tobytes()
             del t, want
-    h = hashlib.sha256()
-    with open(folder / m.weights, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return {"tensors": len(index), "equal": equal, "tied": tied, "sha256_ok": h.hexdigest() == m.weights_sha256}
+    return {"tensors": len(index), "equal": equal, "tied": tied,
+            "sha256_ok": sha256_file(folder / m.weights) == m.weights_sha256}
 
 
 def _truncate(source: Path, short: Path, layers: int) -> dict[str, Any]:

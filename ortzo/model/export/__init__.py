@@ -68,8 +68,9 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
     source = resolve(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = partial_folder(out)
+    lock_file = work.with_name(work.name + ".lock")
     try:
-        lock = FileLock(str(work) + ".lock", timeout=0).acquire()
+        lock = FileLock(str(lock_file), timeout=0).acquire()
     except Timeout:
         raise OrtzoError(f"another export into {out} is running") from None
     with lock:
@@ -79,7 +80,7 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
             if work.is_dir():
                 say(f"the partial export stays in {work}: the same command resumes it (or delete it)")
             raise
-    Path(str(work) + ".lock").unlink(missing_ok=True)
+    lock_file.unlink(missing_ok=True)
     return manifest
 
 

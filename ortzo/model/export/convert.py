@@ -37,7 +37,6 @@ def convert(onnx_path: Path, config: Any, tensors: Tensors, out: Path, tokenizer
     where it is used, so compute stays fp32 on every provider (on CPU the casts cost more
     memory than fp16 saves: the README has the figures)."""
     import onnx
-    from onnx import helper
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
@@ -46,16 +45,11 @@ def convert(onnx_path: Path, config: Any, tensors: Tensors, out: Path, tokenizer
     kept = [i for i in g.input if i.name not in names]
     del g.input[:]
     g.input.extend(kept)
-    for node in g.node:  # a tied weight traced under both its names becomes one input
-        for i, name in enumerate(node.input):
-            if name in names:
-                node.input[i] = names[name]
+    rename_inputs(g, names)  # a tied weight traced under both its names becomes one input
     order = list(dict.fromkeys(names.values()))
     transposed = _fold_transposes(g, order, torch_params)
     params, sha256, size = _stream_weights(tensors, order, torch_params, out, dtype, transposed, progress)
-    for p in params:
-        g.input.append(helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.dtype(p.dtype)),
-                                                     list(p.shape)))
+    declare_inputs(g, params)
     add_scoring_head(g)
     _prune(g)
     if dtype == "float16":
@@ -73,6 +67,23 @@ def convert(onnx_path: Path, config: Any, tensors: Tensors, out: Path, tokenizer
                         tied=torch_params.tied, source=source | {"architecture": (config.architectures or ["?"])[0]})
     manifest.save(out)
     return manifest
+
+
+def rename_inputs(g, names: dict[str, str]) -> None:
+    """Every node input named in `names` (old name -> new) renamed."""
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+
+
+def declare_inputs(g, params: list[Parameter]) -> None:
+    """The weights `params` declared as graph inputs, by name, dtype and shape."""
+    from onnx import helper
+
+    for p in params:
+        g.input.append(helper.make_tensor_value_info(p.name, helper.np_dtype_to_tensor_dtype(np.dtype(p.dtype)),
+                                                     list(p.shape)))
 
 
 def _stream_weights(tensors: Tensors, order: list[str], torch_params: TorchParameters, out: Path, dtype: str,

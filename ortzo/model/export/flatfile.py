@@ -32,12 +32,11 @@ class FlatWriter:
             have = path.stat().st_size
             for line in journal.read_text().splitlines():
                 try:
-                    d = json.loads(line)
-                    p = Parameter(d["name"], tuple(d["shape"]), d["dtype"], d["offset"], d["transposed"])
+                    p = Parameter.from_json(json.loads(line))
+                    if p.offset + p.nbytes > have:
+                        break
                 except (ValueError, TypeError, KeyError):
                     break  # a line cut by the crash: what follows it is rewritten
-                if p.offset + p.nbytes > have:
-                    break
                 self.written[p.name] = p
             self.size = max((p.offset + p.nbytes for p in self.written.values()), default=0)
             self._f: IO[bytes] = open(path, "r+b")
@@ -64,7 +63,7 @@ class FlatWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             with open(self._journal, "a") as j:
-                j.write(json.dumps(_row(p)) + "\n")
+                j.write(json.dumps(p.to_json()) + "\n")
         return p
 
     def close(self) -> str:
@@ -76,11 +75,7 @@ class FlatWriter:
 
     def _rewrite_journal(self) -> None:
         assert self._journal is not None
-        self._journal.write_text("".join(json.dumps(_row(p)) + "\n" for p in self.written.values()))
-
-
-def _row(p: Parameter) -> dict[str, Any]:
-    return {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "offset": p.offset, "transposed": p.transposed}
+        self._journal.write_text("".join(json.dumps(p.to_json()) + "\n" for p in self.written.values()))
 
 
 def _hash_prefix(f: IO[bytes], size: int, h: Any) -> None:

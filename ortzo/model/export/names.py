@@ -22,14 +22,19 @@ class TorchParameters:
         return name if name in self.shapes else None
 
 
-def torch_parameters(config: Any) -> TorchParameters:
-    """The parameters of the causal LM that `config` describes, as AutoModelForCausalLM builds it
-    (the class Optimum exports for text-generation)."""
+def meta_model(config: Any):  # -> transformers.PreTrainedModel
+    """The causal LM that `config` describes, as AutoModelForCausalLM builds it (the class Optimum
+    exports for text-generation), on the meta device: names and shapes, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def torch_parameters(config: Any) -> TorchParameters:
+    """The parameters of the causal LM that `config` describes (meta_model)."""
+    model = meta_model(config)
     first: dict[int, str] = {}
     shapes, tied = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):

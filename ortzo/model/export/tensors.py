@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from ...errors import OrtzoError
+from .names import meta_model
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -56,7 +55,7 @@ class SafetensorsFiles:
 
         with safe_open(str(self._where[name]), framework="numpy", backend="pread") as f:
             arr = f.get_tensor(name)
-        return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else np.array(arr, copy=True)
+        return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr  # pread: its own buffer
 
 
 def _keys(path: Path) -> list[str]:
@@ -81,8 +80,7 @@ class GGUFTensors:
         arch = read_field(reader, "general.architecture")[0]
         # the processors read the config under its Hugging Face names (heads, kv heads)
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-        with _meta_model(config) as model:
-            self._map = get_gguf_hf_weights_map(model)
+        self._map = get_gguf_hf_weights_map(meta_model(config))
         # PyTorch name -> (GGUF name, quantization type, raw shape, raw dtype, offset, bytes)
         self._where = {self._map[t.name]: (t.name, t.tensor_type, tuple(t.data.shape), t.data.dtype,
                                            int(t.data_offset), int(t.n_bytes))
@@ -107,12 +105,3 @@ class GGUFTensors:
             raise OrtzoError(f"{self._path.name}: {gname} is renamed on loading, which the streamed export "
                              "does not follow; export the model from its safetensors instead")
         return np.ascontiguousarray(done.weights, dtype=np.float32)
-
-
-@contextmanager
-def _meta_model(config: Any) -> Iterator[Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        yield AutoModelForCausalLM.from_config(config)
