@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   set up, export the packaged SmolLM2-135M, fine-tune it on SST-2
+#   make demo   set up, export the packaged SmolLM2-135M, fine-tune it on SST-2 with ortzo's defaults
 #   make test   set up and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,7 +29,7 @@ $(MODEL)/manifest.json: | setup
 
 demo: setup $(MODEL)/manifest.json
 	rm -rf runs/demo
-	$(VENV)/bin/ortzo finetune --config $(RECIPE) --data $(DATA)/sst2 --out runs/demo --steps 200
+	$(VENV)/bin/ortzo finetune $(MODEL) --task sst2 --data $(DATA)/sst2 --out runs/demo --steps 200   # ortzo's defaults
 
 bench: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo bench $(MODEL) --batch-size 8 --seq-len 64

@@ -101,15 +101,17 @@ class Model:
 
     def train(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), *, lr: float = 1e-5,
               eps: float = 1e-3, directions: str = DEFAULT_KIND, seed: int = 0, clip: float | None = None,
-              weight_decay: float = 0.0, n_directions: int = 1, estimator: str = "mezo") -> Model:
-        """What the next steps train (parameter-name globs) and how (`estimator`: "mezo", or
-        "fzoo" with n_directions >= 2 and no clip); returns the model."""
+              weight_decay: float = 0.0, n_directions: int = 1, estimator: str = "mezo",
+              params: str = "all") -> Model:
+        """What the next steps train (parameter-name globs, among all parameters or, with params="vectors",
+        the one-dimensional ones) and how (`estimator`: "mezo", or "fzoo" with n_directions >= 2 and no
+        clip); returns the model."""
         fzoo = estimator == "fzoo"
         if not (lr >= 0 and eps > 0 and n_directions >= 1 + fzoo and (clip is None or clip > 0 and not fzoo)
-                and estimator in ESTIMATORS):
+                and estimator in ESTIMATORS and params in ("all", "vectors")):
             raise OrtzoError(f"bad settings: estimator={estimator}, lr={lr}, eps={eps}, clip={clip}, "
-                             f"n_directions={n_directions}")
-        self.names = self.store.select(include, exclude)
+                             f"n_directions={n_directions}, params={params}")
+        self.names = self.store.select(include, exclude, vectors=params == "vectors")
         self.buffers, self.directions = trainable_buffers(self.session, self.names, directions,
                                                           self.target.direction_threads)
         self.decay = decay_mask(self.buffers)

@@ -78,20 +78,38 @@ def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
     return f"{flag(name)}: {msg} (got {err['input']!r})"
 
 
-# What a MeZO run through ONNX Runtime gets unless told otherwise, per estimator: the recipe
-# measured best (docs/ablation-sst2.md). FZOO's update is normalized, hence its far smaller lr.
-RECIPE = {"mezo": {"lr": 5e-5, "clip": 30.0}, "fzoo": {"lr": 1e-6, "clip": None}}
+# What a MeZO run through ONNX Runtime gets unless told otherwise, per estimator and the parameters
+# it perturbs: the recipe measured best (docs/ablation-sst2.md). MeZO perturbs the vectors (norm
+# scales, biases) unless include/exclude patterns say what trains; every parameter takes a 4x smaller
+# lr. FZOO's update is normalized, hence its far smaller lr; it was measured on every parameter.
+RECIPE = {("mezo", "vectors"): {"lr": 2e-4, "clip": 30.0, "schedule": "linear"},
+          ("mezo", "all"): {"lr": 5e-5, "clip": 30.0},
+          ("fzoo", "all"): {"lr": 1e-6, "clip": None}, ("fzoo", "vectors"): {"lr": 1e-6, "clip": None}}
+
+
+# Settings added after runs were written, with what those runs did (today's defaults differ, and a
+# resumed or replayed run must do what it did): random batches. (Every parameter trained: a saved
+# config always names its include patterns, and patterns choose among all parameters.)
+BEFORE_THEIR_TIME = {"group_by_length": 1}
 
 
 class RunConfig(Settings):
     """Everything that defines a fine-tuning run."""
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], where: str = "") -> Self:
+        """The config of a run's config.json (its settings, `recorded` removed), as the run had it."""
+        return cls.build(BEFORE_THEIR_TIME | saved, where)
 
     @model_validator(mode="before")
     @classmethod
     def _recipe(cls, values: Any) -> Any:
         """The ort engine's estimator picks the defaults of the settings it was measured with."""
         if isinstance(values, dict) and values.get("engine", "ort") == "ort":
-            return RECIPE.get(values.get("estimator", "mezo"), {}) | values
+            estimator = values.get("estimator", "mezo")
+            chosen = "include" in values or "exclude" in values or estimator != "mezo"
+            params = values.get("params", "all" if chosen else "vectors")
+            return {"params": params} | RECIPE.get((estimator, params), {}) | values
         return values
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
@@ -108,12 +126,13 @@ class RunConfig(Settings):
     time_budget: float | None = setting(None, "end the run after the step at which its steps' seconds "
                                         "(train_seconds) reach this; evaluated and saved there", resumable=True, gt=0)
     batch_size: int = setting(16, "training examples per step", ge=1)
-    lr: float = setting(1e-5, "learning rate (peak, for the linear schedule); default: 5e-5 (mezo), 1e-6 (fzoo), "
-                              "1e-5 (the torch engines)", resumable=True, ge=0)
+    lr: float = setting(1e-5, "learning rate (peak, for the linear schedule); default: 2e-4 (mezo on the vectors), "
+                              "5e-5 (mezo on all), 1e-6 (fzoo), 1e-5 (the torch engines)", resumable=True, ge=0)
     eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
     schedule: Literal["constant", "linear", "wsd"] = setting("constant", "learning-rate schedule; linear decays "
                                                              "to 0 at schedule_steps; wsd: constant, then linear "
-                                                             "to 0 over the last third of schedule_steps")
+                                                             "to 0 over the last third of schedule_steps; default: "
+                                                             "linear (mezo on the vectors), constant")
     schedule_steps: int | None = setting(None, "steps the schedule spans; default: --steps at the run's start",
                                          ge=1)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
@@ -127,6 +146,10 @@ class RunConfig(Settings):
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
                                  "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)
+    params: Literal["all", "vectors"] = setting("all", "the parameters include/exclude choose from: all, or "
+                                                "vectors (the one-dimensional ones: norm scales and biases, 35k of "
+                                                "SmolLM2's 135M); default: vectors (mezo without --include or "
+                                                "--exclude), all (fzoo, the torch engines)")
     include: list[str] = setting(["*"], "glob patterns of the parameter names to train", min_length=1)
     exclude: list[str] = setting([], "glob patterns of parameter names to freeze")
     group_by_length: int = setting(1, "cut the training batches from runs of N random batches sorted by prompt "

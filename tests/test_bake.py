@@ -29,7 +29,7 @@ from conftest import open_folder
 from tiny import VOCAB, make_tiny_llama
 
 TRAIN = ["--task", "sst2", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6", "--checkpoint-every", "4",
-         "--train-examples", "48", "--eval-examples", "8"]
+         "--train-examples", "48", "--eval-examples", "8", "--params", "all"]  # matrices change too
 PROMPT = "the film was great and the plot"
 ENGINES = ("ort", "torch-mezo")
 

@@ -16,7 +16,7 @@ from ortzo.cli import main
 from ortzo.model.manifest import Manifest
 
 TRAIN = ["--task", "sst2", "--steps", "12", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6",
-         "--checkpoint-every", "4", "--train-examples", "48"]
+         "--checkpoint-every", "4", "--train-examples", "48", "--schedule", "constant"]
 TIMES = ("seconds", "train_seconds", "wall_seconds", "eval_seconds", "peak_rss_mib")
 
 
@@ -81,6 +81,39 @@ def test_eval_of_a_run_measures_the_runs_own_evaluation_set(tiny_model, tiny_dat
         assert result["accuracy"] == row["eval_accuracy"]
         assert result["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # eval wrote nothing
+
+
+def test_params_vectors_trains_the_one_dimensional_parameters_only(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--params", "vectors") == 0
+    params = json.loads((tiny_model / "manifest.json").read_text())["parameters"]
+    vectors = [p for p in params if len(p["shape"]) == 1]
+    assert f"{sum(p['shape'][0] for p in vectors):,} of " in capsys.readouterr().out
+    before = (tiny_model / "weights.bin").read_bytes()
+    after = (run / "checkpoints/step-0000012/weights.bin").read_bytes()
+    for p in params:
+        n = int(np.prod(p["shape"])) * 4
+        same = before[p["offset"]:p["offset"] + n] == after[p["offset"]:p["offset"] + n]
+        assert same == (len(p["shape"]) > 1), p["name"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--step", "6"]) == 0  # the replay trains the same parameters
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = _lines(run / "metrics.jsonl")[1]
+    assert result["accuracy"] == row["eval_accuracy"] and result["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+
+
+def test_a_run_from_before_params_existed_replays_every_parameter(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--params", "all") == 0
+    config = json.loads((run / "config.json").read_text())
+    del config["params"], config["group_by_length"]
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--step", "6"]) == 0
+    result, row = json.loads(capsys.readouterr().out.strip().splitlines()[-1]), _lines(run / "metrics.jsonl")[1]
+    assert result["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+    assert main(["finetune", "--resume", "--out", str(run), "--steps", "14"]) == 0
+    assert json.loads((run / "config.json").read_text())["params"] == "all"
 
 
 def test_eval_of_a_live_run_leaves_its_torn_tail_alone(tiny_model, tiny_data, tmp_path, capsys):
@@ -371,9 +404,12 @@ def test_the_defaults_follow_the_estimator_and_engine():
 
     def built(**given):
         c = RunConfig.build({"model": "m", "task": "sst2"} | given)
-        return c.lr, c.clip
+        return c.params, c.lr, c.clip, c.schedule
 
-    assert built() == (5e-5, 30.0)  # MeZO's measured recipe
-    assert built(estimator="fzoo", n_directions=4) == (1e-6, None)  # normalized update: no clip
-    assert built(engine="torch-bp") == (1e-5, None) == built(engine="torch-mezo")
-    assert built(lr=1e-4, clip="none") == (1e-4, None)  # what is given wins; "none" is None in a config file
+    assert built() == ("vectors", 2e-4, 30.0, "linear")  # MeZO's measured recipe
+    assert built(include=["*q_proj*"]) == built(exclude=["*embed*"]) == built(params="all") \
+        == ("all", 5e-5, 30.0, "constant")  # patterns choose among all parameters, at every parameter's lr
+    assert built(include=["*norm*"], params="vectors") == ("vectors", 2e-4, 30.0, "linear")
+    assert built(estimator="fzoo", n_directions=4) == ("all", 1e-6, None, "constant")  # normalized: no clip
+    assert built(engine="torch-bp") == ("all", 1e-5, None, "constant") == built(engine="torch-mezo")
+    assert built(lr=1e-4, clip="none", schedule="wsd") == ("vectors", 1e-4, None, "wsd")  # what is given wins

@@ -72,6 +72,16 @@ def test_select_by_patterns(tiny_model):
         store.select(["nothing*"])
 
 
+def test_select_vectors_takes_the_one_dimensional_parameters(tiny_model):
+    shapes = {p["name"]: p["shape"] for p in json.loads((tiny_model / "manifest.json").read_text())["parameters"]}
+    store, _ = open_folder(tiny_model)
+    assert store.select(vectors=True) == [n for n, s in shapes.items() if len(s) == 1] != []
+    assert store.select(["*layers.0*"], vectors=True) == [n for n, s in shapes.items()
+                                                         if len(s) == 1 and "layers.0." in n]
+    with pytest.raises(OrtzoError, match="no one-dimensional parameter"):
+        store.select(["*mlp*"], vectors=True)
+
+
 def test_fp16_weights_train_through_fp32_masters(tiny_model_fp16):
     """Updates far below fp16 resolution accumulate in the masters; the session reads their rounding."""
     from ortzo.optim.directions import Directions

@@ -137,12 +137,15 @@ class WeightStore:
             pos = p.offset + p.nbytes
         yield from _chunks(view[pos:])
 
-    def select(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> list[str]:
-        """Names of the parameters that match an include pattern and no exclude pattern."""
-        names = [n for n in self.arrays
-                 if any(fnmatch(n, p) for p in include) and not any(fnmatch(n, p) for p in exclude)]
+    def select(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), vectors: bool = False) -> list[str]:
+        """Names of the parameters that match an include pattern and no exclude pattern; with `vectors`,
+        only the one-dimensional ones (norm scales, biases): a family-independent small subset."""
+        names = [n for n, a in self.arrays.items()
+                 if any(fnmatch(n, p) for p in include) and not any(fnmatch(n, p) for p in exclude)
+                 and (a.ndim == 1 or not vectors)]
         if not names:
-            raise OrtzoError(f"no parameter matches include={list(include)} exclude={list(exclude)}")
+            raise OrtzoError(f"no {'one-dimensional ' * vectors}parameter matches include={list(include)} "
+                             f"exclude={list(exclude)}")
         return names
 
 

@@ -60,7 +60,7 @@ def _run_weights(run: RunFolder, step: int | None, say: Callable[[str], None]) -
     alone (MeZO), without its examples."""
     saved = run.read_config()
     recorded = saved.pop(RECORDED)
-    cfg = RunConfig.build(saved | {"target": "cpu"}, f"{run.config}: ")
+    cfg = RunConfig.from_saved(saved | {"target": "cpu"}, f"{run.config}: ")
     try:
         task = Task.from_json(recorded["task"])
     except (KeyError, TypeError, ValueError) as e:

@@ -20,8 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +149,29 @@ def _run(folder: Path, settings: dict[str, Any]) -> None:
         spec = folder.parent / f"{folder.name}.json"
         write_json(spec, settings)
         argv = ["finetune", "--config", str(spec), "--out", str(folder)]
-    with open(folder.parent / f"{folder.name}.log", "a") as log:
-        r = subprocess.run([sys.executable, "-m", "ortzo.cli", *argv], stdout=log, stderr=subprocess.STDOUT)
-    if r.returncode:
-        raise OrtzoError(f"run {folder} failed (exit {r.returncode}); see {folder.parent / (folder.name + '.log')}")
+    with open(folder.parent / f"{folder.name}.log", "a") as log, _sigterm_raises(), \
+            subprocess.Popen([sys.executable, "-m", "ortzo.cli", *argv], stdout=log, stderr=subprocess.STDOUT) as child:
+        try:
+            code = child.wait()
+        except BaseException:  # Ctrl-C or `kill`: the run stops with compare instead of training on, orphaned
+            child.terminate()
+            child.wait()
+            raise
+    if code:
+        raise OrtzoError(f"run {folder} failed (exit {code}); see {folder.parent / (folder.name + '.log')}")
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises SystemExit here, so that `finally` and `except` clauses run; Python's default dies at once."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _curves(out: Path, plan: dict[str, dict[str, Any]], spec: CompareSpec) -> list[dict[str, Any]]:

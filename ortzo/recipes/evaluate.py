@@ -35,7 +35,7 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
     elif run.holds_run():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)
-        cfg = RunConfig.build(saved | chosen)
+        cfg = RunConfig.from_saved(saved | chosen)
         task = Task.from_json(recorded["task"])
         if opts.task or opts.template:
             task = load_task(opts.task or task.name, opts.template)

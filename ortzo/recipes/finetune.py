@@ -57,8 +57,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
     with run.locked():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)
-        saved.setdefault("group_by_length", 1)  # a run from before the option drew random batches
-        old = RunConfig.build(saved, f"{run.config}: ")
+        old = RunConfig.from_saved(saved, f"{run.config}: ")
         cfg = RunConfig.build(old.model_dump() | overrides).resolved()
         changed = {k: (getattr(old, k), getattr(cfg, k)) for k in overrides if getattr(old, k) != getattr(cfg, k)}
         fixed = [flag(k) for k in changed if not RunConfig.resumable(k)]
@@ -96,7 +95,7 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
     cfg, splits, store = setup.cfg, setup.splits, engine.store
     trained = setup.trained(store)
     print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(store.arrays[n].size for n in trained):,} "
-          f"of {sum(p.size for p in setup.manifest.parameters):,} parameters trained by {cfg.engine}; "
+          f"of {sum(p.size for p in setup.manifest.parameters):,} parameters ({cfg.params}) trained by {cfg.engine}; "
           f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
     t = setup.task
     print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "

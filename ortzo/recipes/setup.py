@@ -47,7 +47,7 @@ class Setup:
 
     def trained(self, store: WeightStore) -> list[str]:
         """The names of the parameters the run trains (the include/exclude patterns checked)."""
-        return store.select(self.cfg.include, self.cfg.exclude)
+        return store.select(self.cfg.include, self.cfg.exclude, vectors=self.cfg.params == "vectors")
 
     def engine(self, store: WeightStore, saved: Saved | None = None) -> Engine:
         """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
