@@ -127,6 +127,10 @@ def test_bad_settings_and_folders(tiny_model, tmp_path):
         ortzo.open(tiny_model).train(eps=0)
     with pytest.raises(OrtzoError, match="no parameter matches"):
         ortzo.open(tiny_model).train(include=["nothing.*"])
+    with pytest.raises(OrtzoError, match="bad settings"):
+        ortzo.open(tiny_model).train(params="matrices")
+    model = ortzo.open(tiny_model).train(params="vectors")
+    assert model.names and [b.ndim for b in model.buffers] == [1] * len(model.names)
     with pytest.raises(OrtzoError, match="unknown target/provider"):
         ortzo.open(tiny_model, provider="tpu")
 

@@ -139,6 +139,8 @@ def test_report_minutes_gives_the_whole_split_accuracy_of_the_weights_at_the_mar
 def test_killing_compare_stops_its_run(tiny_model, tiny_data, tmp_path):
     """`kill` (SIGTERM) on compare also ends the finetune child it waits for: no orphan trains on
     (and holds the run folder's lock) after compare is gone."""
+    import contextlib
+    import os
     import signal
     import subprocess
     import sys
@@ -151,14 +153,19 @@ def test_killing_compare_stops_its_run(tiny_model, tiny_data, tmp_path):
                     f'[common]\ntask = "sst2"\ndata = "{tiny_data}"\nsteps = 100000\neval_every = 100000\n'
                     f'[arms.a]\nmodel = "{tiny_model}"\n')
     run = tmp_path / "cmp" / "a" / "seed-0"
-    parent = subprocess.Popen([sys.executable, "-m", "ortzo.cli", "compare", str(spec), "--out", str(tmp_path / "cmp")])
-    deadline = time.monotonic() + 120
-    while not ((run / "steps.jsonl").exists() and (run / "steps.jsonl").read_text().count("\n") >= 2):
-        assert parent.poll() is None and time.monotonic() < deadline, "the run never started"
-        time.sleep(0.2)
-    parent.send_signal(signal.SIGTERM)
-    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
-    with FileLock(run / ".lock", timeout=10):  # the child let go of the run
-        steps = (run / "steps.jsonl").read_text()
-        time.sleep(1.0)
-        assert (run / "steps.jsonl").read_text() == steps  # and trains no more
+    parent = subprocess.Popen([sys.executable, "-m", "ortzo.cli", "compare", str(spec), "--out", str(tmp_path / "cmp")],
+                              start_new_session=True)  # its own process group: the cleanup below reaches an orphan
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "steps.jsonl").exists() and (run / "steps.jsonl").read_text().count("\n") >= 2):
+            assert parent.poll() is None and time.monotonic() < deadline, "the run never started"
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        with FileLock(run / ".lock", timeout=10):  # the child let go of the run
+            steps = (run / "steps.jsonl").read_text()
+            time.sleep(1.0)
+            assert (run / "steps.jsonl").read_text() == steps  # and trains no more
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
