@@ -24,7 +24,7 @@ from .model.manifest import Manifest, hf_config
 from .model.session import ScoringSession
 from .model.targets import load_target
 from .model.tokenizer import Tokenizer
-from .model.weights import WeightStore
+from .model.weights import PARAMS, WeightStore
 from .optim.directions import DEFAULT_KIND
 from .optim.estimators import ESTIMATORS, estimator_step
 from .optim.mezo import StepRecord, decay_mask, step_seed
@@ -108,7 +108,7 @@ class Model:
         clip); returns the model."""
         fzoo = estimator == "fzoo"
         if not (lr >= 0 and eps > 0 and n_directions >= 1 + fzoo and (clip is None or clip > 0 and not fzoo)
-                and estimator in ESTIMATORS and params in ("all", "vectors")):
+                and estimator in ESTIMATORS and params in PARAMS):
             raise OrtzoError(f"bad settings: estimator={estimator}, lr={lr}, eps={eps}, clip={clip}, "
                              f"n_directions={n_directions}, params={params}")
         self.names = self.store.select(include, exclude, vectors=params == "vectors")

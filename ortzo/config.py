@@ -27,6 +27,7 @@ from .errors import OrtzoError
 from .optim.directions import DEFAULT_KIND, KINDS
 from .optim.estimators import ESTIMATORS
 from .model.placement import PROVIDERS
+from .model.weights import PARAMS
 from .tasks.task import HUB
 
 RECORDED = "recorded"  # the section of a run's config.json that is not settings
@@ -81,10 +82,11 @@ def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
 # What a MeZO run through ONNX Runtime gets unless told otherwise, per estimator and the parameters
 # it perturbs: the recipe measured best (docs/ablation-sst2.md). MeZO perturbs the vectors (norm
 # scales, biases) unless include/exclude patterns say what trains; every parameter takes a 4x smaller
-# lr. FZOO's update is normalized, hence its far smaller lr; it was measured on every parameter.
+# lr. FZOO's update is normalized, hence its far smaller lr; it was measured on every parameter, and
+# an estimator without a recipe for the vectors gets its every-parameter one.
 RECIPE = {("mezo", "vectors"): {"lr": 2e-4, "clip": 30.0, "schedule": "linear"},
           ("mezo", "all"): {"lr": 5e-5, "clip": 30.0},
-          ("fzoo", "all"): {"lr": 1e-6, "clip": None}, ("fzoo", "vectors"): {"lr": 1e-6, "clip": None}}
+          ("fzoo", "all"): {"lr": 1e-6, "clip": None}}
 
 
 # Settings added after runs were written, with what those runs did (today's defaults differ, and a
@@ -107,9 +109,10 @@ class RunConfig(Settings):
         """The ort engine's estimator picks the defaults of the settings it was measured with."""
         if isinstance(values, dict) and values.get("engine", "ort") == "ort":
             estimator = values.get("estimator", "mezo")
-            chosen = "include" in values or "exclude" in values or estimator != "mezo"
-            params = values.get("params", "all" if chosen else "vectors")
-            return {"params": params} | RECIPE.get((estimator, params), {}) | values
+            every = "include" in values or "exclude" in values or estimator != "mezo"
+            params = values.get("params", "all" if every else "vectors")
+            recipe = RECIPE.get((estimator, params), RECIPE.get((estimator, "all"), {}))
+            return {"params": params} | recipe | values
         return values
 
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
@@ -146,7 +149,7 @@ class RunConfig(Settings):
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
                                  "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)
-    params: Literal["all", "vectors"] = setting("all", "the parameters include/exclude choose from: all, or "
+    params: Literal[PARAMS] = setting("all", "the parameters include/exclude choose from: all, or "
                                                 "vectors (the one-dimensional ones: norm scales and biases, 35k of "
                                                 "SmolLM2's 135M); default: vectors (mezo without --include or "
                                                 "--exclude), all (fzoo, the torch engines)")

@@ -17,6 +17,8 @@ from ..errors import OrtzoError
 from ..files import READ_BLOCK, atomic_open, sha256_file
 from .manifest import ALIGN, Manifest
 
+PARAMS = ("all", "vectors")  # what `select` chooses among: every parameter, or the one-dimensional ones
+
 
 class Resident(Protocol):
     """A copy of the store's buffer elsewhere that training changes (device memory)."""
@@ -142,7 +144,7 @@ class WeightStore:
         only the one-dimensional ones (norm scales, biases): a family-independent small subset."""
         names = [n for n, a in self.arrays.items()
                  if any(fnmatch(n, p) for p in include) and not any(fnmatch(n, p) for p in exclude)
-                 and (a.ndim == 1 or not vectors)]
+                 and (not vectors or a.ndim == 1)]
         if not names:
             raise OrtzoError(f"no {'one-dimensional ' * vectors}parameter matches include={list(include)} "
                              f"exclude={list(exclude)}")
