@@ -80,7 +80,7 @@ ablation-sst2: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo compare configs/ablation-sst2.toml --out runs/ablation-sst2
 
 # Issue 8's other tasks with the default recipe (configs/tasks-smollm2.toml: RTE, SST-5, BoolQ,
-# 3 seeds x ~10 min each, ~1.5 h); resumes.
+# 3 seeds x ~10 min each, ~1.6 h; measured in docs/ablation-sst2.md); resumes.
 tasks-smollm2: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo compare configs/tasks-smollm2.toml --out runs/tasks-smollm2
 
