@@ -10,7 +10,8 @@ Whether a setting may change when a run resumes is a property of the setting (`r
 The step log records what each step used (lr, eps, the clipped projected gradient, weight
 decay), so those may change; what decides which examples, directions and weights a step sees
 (model, task, data, seed, batch size, ...) is fixed at the run's start, and so is the length
-of the lr schedule (`schedule_steps`), so a longer `--steps` on resume never raises the lr.
+of the lr schedule (`schedule_steps`, `schedule_seconds`), so a longer `--steps` or
+`--time-budget` on resume never raises the lr.
 """
 from __future__ import annotations
 
@@ -138,6 +139,10 @@ class RunConfig(Settings):
                                                              "linear (mezo on the vectors), constant")
     schedule_steps: int | None = setting(None, "steps the schedule spans; default: --steps at the run's start",
                                          ge=1)
+    schedule_seconds: float | None = setting(None, "seconds of steps (train_seconds) the schedule spans as well: "
+                                             "each step takes the lower lr of the two spans, so the lr reaches "
+                                             "0 when the run ends, by steps or by time; default: --time-budget, "
+                                             "unless --schedule-steps is given", gt=0)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
                                   ge=0)
     directions: Literal[KINDS] = setting(DEFAULT_KIND, "distribution of the random directions z (rademacher-counter: "
@@ -221,10 +226,14 @@ class RunConfig(Settings):
         def file(p: str | None, suffix: str) -> str | None:
             return absolute(p) if p and p.endswith(suffix) and Path(p).exists() else p
 
+        # The schedule's spans are fixed together: at the run's start (schedule_steps not yet set) the
+        # time budget spans it too; a resumed run, or one given --schedule-steps, keeps what it has.
+        seconds = self.schedule_seconds if self.schedule_steps else self.schedule_seconds or self.time_budget
         return self.model_copy(update={
             "model": absolute(self.model), "data": absolute(self.data), "task": file(self.task, ".toml"),
             "target": file(self.target, ".toml"), "train_split": file(self.train_split, ".jsonl"),
-            "eval_split": file(self.eval_split, ".jsonl"), "schedule_steps": self.schedule_steps or self.steps})
+            "eval_split": file(self.eval_split, ".jsonl"), "schedule_steps": self.schedule_steps or self.steps,
+            "schedule_seconds": seconds})
 
 
 class CompareSpec(Settings):

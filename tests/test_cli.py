@@ -399,6 +399,51 @@ def test_a_time_budget_ends_the_run_after_the_step_that_reaches_it(tiny_model, t
     assert _lines(run / "metrics.jsonl")[-1]["step"] == len(more)
 
 
+def test_a_time_budget_spans_the_lr_schedule_and_a_longer_one_never_raises_it(tiny_model, tiny_data, tmp_path,
+                                                                              capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "100000", "--time-budget", "0.5", "--schedule",
+                     "linear") == 0
+    assert "lr 0.005 (linear over 100000 steps or 0.5 s of steps, whichever ends first)" in capsys.readouterr().out
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["schedule_steps"], cfg["schedule_seconds"]) == (100000, 0.5)
+    steps = _lines(run / "steps.jsonl")
+    before = np.cumsum([0.0] + [s["seconds"] for s in steps])  # seconds of the steps before each step
+    want = [5e-3 * min(1 - i / 100000, max(0.0, 1 - before[i] / 0.5)) for i in range(len(steps))]
+    assert [s["lr"] for s in steps] == pytest.approx(want, rel=1e-9)
+    assert steps[-1]["lr"] < 1e-3  # the last step is near the budget's end: near 0
+    assert main(["finetune", "--resume", "--out", str(run), "--time-budget", "1.0"]) == 0
+    more = _lines(run / "steps.jsonl")[len(steps):]
+    assert more and all(s["lr"] == 0.0 for s in more)  # the schedule spans the budget the run started with
+
+
+def test_a_resumed_schedule_counts_the_seconds_logged_before_the_resume(tiny_model, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    span = ["--schedule", "linear", "--schedule-steps", "1000", "--schedule-seconds", "2"]
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "6", *span) == 0
+    assert main(["finetune", "--resume", "--out", str(run), "--steps", "12"]) == 0
+    steps = _lines(run / "steps.jsonl")
+    before = np.cumsum([0.0] + [s["seconds"] for s in steps])
+    want = [5e-3 * min(1 - i / 1000, max(0.0, 1 - before[i] / 2)) for i in range(12)]
+    assert [s["lr"] for s in steps] == pytest.approx(want, rel=1e-9)
+
+
+def test_schedule_steps_alone_span_the_schedule_under_a_time_budget(tiny_model, tiny_data, tmp_path):
+    """Given --schedule-steps, the run's schedule is those steps, and a run written before
+    schedule_seconds existed (no such key) keeps its step schedule when resumed with a budget."""
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--steps", "10", "--time-budget", "100", "--schedule", "linear",
+                     "--schedule-steps", "20") == 0
+    config = run / "config.json"
+    cfg = json.loads(config.read_text())
+    assert cfg["schedule_seconds"] is None
+    del cfg["schedule_seconds"]
+    config.write_text(json.dumps(cfg))
+    assert main(["finetune", "--resume", "--out", str(run), "--steps", "14", "--time-budget", "200"]) == 0
+    assert [s["lr"] for s in _lines(run / "steps.jsonl")] == pytest.approx([5e-3 * (1 - i / 20) for i in range(14)])
+    assert json.loads(config.read_text())["schedule_seconds"] is None
+
+
 def test_the_defaults_follow_the_estimator_and_engine():
     from ortzo.config import RunConfig
 

@@ -64,7 +64,7 @@ def test_backprop_step_is_autograd_sgd(tiny_hf, tiny_model, tiny_data):
     lr = 0.05
     setup = _setup(tiny_model, tiny_data, engine="torch-bp", optimizer="sgd", lr=lr, weight_decay=0.1)
     engine = setup.engine(setup.load_store())
-    record = engine.step(0)
+    record = engine.step(0, lr)
     model, candidate_loss = _reference(tiny_hf)
     ref = candidate_loss(setup.train_batch(0))
     ref.backward()
@@ -88,7 +88,7 @@ def test_backprop_momentum_and_adamw_follow_their_update_rules(tiny_hf, tiny_mod
         model, candidate_loss = _reference(tiny_hf)
         state, smallest = {}, {}
         for step in range(2):
-            engine.step(step)
+            engine.step(step, lr)
             model.zero_grad()
             candidate_loss(setup.train_batch(step)).backward()
             with torch.no_grad():
@@ -130,7 +130,7 @@ def test_checkpointing_layers_changes_memory_not_the_update(tiny_model, tiny_dat
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            engine.step(0)
+            engine.step(0, 0.05)
         stores[fraction], saved[fraction] = engine.store, sum(sizes)
     for name, a in stores[0.0].arrays.items():
         np.testing.assert_array_equal(a, stores[1.0].arrays[name], err_msg=name)
@@ -143,7 +143,7 @@ def test_torch_mezo_step_is_the_reference_arithmetic(tiny_hf, tiny_model, tiny_d
     eps, lr, wd = 1e-2, 1e-3, 0.5
     setup = _setup(tiny_model, tiny_data, engine="torch-mezo", lr=lr, eps=eps, weight_decay=wd)
     engine = setup.engine(setup.load_store())
-    record = engine.step(0)
+    record = engine.step(0, lr)
     model, candidate_loss = _reference(tiny_hf)
     params = list(model.named_parameters())
     torch.manual_seed(record.seed)

@@ -142,6 +142,7 @@ def test_decay_mask_is_matrices_only_and_must_fit_the_buffers():
 def test_linear_schedule_decays_to_zero_at_its_length_and_stays_there():
     assert [lr_at(t, 4, 0.8, "linear") for t in range(6)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0, 0.0])
     assert [lr_at(t, 1, 0.8, "linear") for t in range(2)] == pytest.approx([0.8, 0.0])
+    assert [lr_at(t, 0.5, 0.8, "linear") for t in (0.125, 0.25, 0.75)] == pytest.approx([0.6, 0.4, 0.0])  # seconds
     assert [lr_at(t, 4, 0.8, "constant") for t in (0, 3, 9)] == [0.8, 0.8, 0.8]
     # wsd over 9 steps: constant for 6, then 3 to zero: 3/3, 2/3, 1/3 of the lr, then 0
     assert [lr_at(t, 9, 0.9, "wsd") for t in range(11)] == pytest.approx([0.9] * 7 + [0.6, 0.3, 0.0, 0.0])

@@ -62,8 +62,9 @@ class Engine(Protocol):
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Candidate log-probabilities [N, K], as the scoring head defines them."""
 
-    def step(self, step: int) -> Record:
-        """Train on step `step`'s batch; FloatingPointError (weights unchanged) on a non-finite loss."""
+    def step(self, step: int, lr: float) -> Record:
+        """Train on step `step`'s batch at learning rate `lr` (the recipe's schedule picks it);
+        FloatingPointError (weights unchanged) on a non-finite loss."""
 
     def replay(self, records: Sequence[Record]) -> None:
         """Bring the weights (and optimizer state) through the logged steps `records`."""

@@ -17,7 +17,7 @@ from ..model.targets import Target
 from ..model.weights import WeightStore
 from ..optim.directions import Directions
 from ..optim.estimators import estimator_step
-from ..optim.mezo import StepRecord, decay_mask, lr_at, replay, step_seed
+from ..optim.mezo import StepRecord, decay_mask, replay, step_seed
 from ..tasks.objective import loss
 from .base import BatchAt
 
@@ -34,7 +34,7 @@ class OrtMezo:
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session(feeds)
 
-    def step(self, step: int) -> StepRecord:
+    def step(self, step: int, lr: float) -> StepRecord:
         cfg, batch = self.cfg, self.batch_at(step)
 
         def batch_loss() -> float:
@@ -42,7 +42,7 @@ class OrtMezo:
 
         return estimator_step(cfg.estimator, self.buffers, batch_loss,
                               step=step, seed=step_seed(cfg.seed, step), eps=cfg.eps,
-                              lr=lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule), directions=self.directions,
+                              lr=lr, directions=self.directions,
                               n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
                               decay=self.decay)
 

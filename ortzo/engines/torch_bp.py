@@ -20,7 +20,6 @@ from ..config import RunConfig
 from ..errors import OrtzoError
 from ..files import sha256_file
 from ..model.weights import WeightStore
-from ..optim.mezo import lr_at
 from .base import BackpropRecord, BatchAt, Saved
 from .torch_model import candidate_loss, checkpoint_layers, load_module, scores, word_scores
 
@@ -52,14 +51,11 @@ class TorchBackprop:
         with torch.inference_mode():
             return scores(self.model, feeds).numpy()
 
-    def step(self, step: int) -> BackpropRecord:
-        return self._step(step, lr_at(step, self.cfg.schedule_steps, self.cfg.lr, self.cfg.schedule))
-
     def replay(self, records: Sequence[BackpropRecord]) -> None:
         for r in records:
-            self._step(r.step, r.lr)
+            self.step(r.step, r.lr)
 
-    def _step(self, step: int, lr: float) -> BackpropRecord:
+    def step(self, step: int, lr: float) -> BackpropRecord:
         batch = self.batch_at(step)
         self.model.train()  # checkpointing acts in training mode; dropout is off
         try:

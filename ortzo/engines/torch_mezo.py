@@ -19,7 +19,7 @@ import torch
 
 from ..config import RunConfig
 from ..model.weights import WeightStore
-from ..optim.mezo import StepRecord, lr_at, step_seed
+from ..optim.mezo import StepRecord, step_seed
 from .base import BatchAt
 from .torch_model import candidate_loss, load_module, scores, word_scores
 
@@ -36,10 +36,9 @@ class TorchMezo:
         with torch.inference_mode():
             return scores(self.model, feeds).numpy()
 
-    def step(self, step: int) -> StepRecord:
+    def step(self, step: int, lr: float) -> StepRecord:
         cfg = self.cfg
         seed, eps = step_seed(cfg.seed, step), cfg.eps
-        lr = lr_at(step, cfg.schedule_steps, cfg.lr, cfg.schedule)
         batch = self.batch_at(step)
         self._perturb(seed, eps)
         lp = self._loss(batch)

@@ -152,10 +152,10 @@ def decay_mask(buffers: Sequence[np.ndarray]) -> list[bool]:
 WSD_DECAY = 1 / 3  # the share of a "wsd" schedule that decays
 
 
-def lr_at(step: int, total: int, lr: float, schedule: str) -> float:
-    """Learning rate at 0-based `step` of a schedule spanning `total` steps: "constant";
-    "linear" decay to zero at `total`; or "wsd", constant and then linear to zero over the
-    last WSD_DECAY of `total` (warmup-stable-decay without the warmup: Hu et al. 2024,
+def lr_at(done: float, total: float, lr: float, schedule: str) -> float:
+    """Learning rate after `done` of a schedule spanning `total` (steps, or seconds of steps):
+    "constant"; "linear" decay to zero at `total`; or "wsd", constant and then linear to zero
+    over the last WSD_DECAY of `total` (warmup-stable-decay without the warmup: Hu et al. 2024,
     MiniCPM; Hagele et al. 2024, arXiv 2405.18392). Zero after `total`.
 
     Why wsd: MeZO's loss falls at the constant lr until its noise floor (the lr times the
@@ -163,11 +163,11 @@ def lr_at(step: int, total: int, lr: float, schedule: str) -> float:
     slows the first part, which is most of the gain."""
     if schedule == "constant":
         return lr
-    total = max(1, total)
+    total = max(1e-9, total)
     if schedule == "linear":
-        return lr * max(0.0, 1.0 - step / total)
+        return lr * max(0.0, 1.0 - done / total)
     if schedule == "wsd":
-        return lr * min(1.0, max(0.0, (total - step) / (WSD_DECAY * total)))
+        return lr * min(1.0, max(0.0, (total - done) / (WSD_DECAY * total)))
     raise ValueError(f"unknown lr schedule {schedule!r}; choose constant, linear or wsd")
 
 

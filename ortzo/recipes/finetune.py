@@ -27,6 +27,7 @@ from ..config import RECORDED, RunConfig, flag
 from ..engines.base import Engine, record_type
 from ..errors import OrtzoError
 from ..optim import steplog
+from ..optim.mezo import lr_at
 from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..run.plots import plot_curves
@@ -99,7 +100,7 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
           f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
     t = setup.task
     print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
-          f"lr {cfg.lr:g} ({cfg.schedule}{f' over {cfg.schedule_steps} steps' * (cfg.schedule != 'constant')}), "
+          f"lr {cfg.lr:g} ({_schedule(cfg)}), "
           f"eps {cfg.eps:g}, batch {cfg.batch_size} "
           f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
           f"clip {cfg.clip}, "
@@ -134,7 +135,7 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
                 break
             t0 = time.perf_counter()
             try:
-                record = engine.step(step)
+                record = engine.step(step, _lr(cfg, log))
             except FloatingPointError as e:
                 raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
                                  f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
@@ -194,6 +195,25 @@ def _check_batch(setup: Setup) -> None:
     if setup.cfg.batch_size > len(setup.splits.train):
         raise OrtzoError(f"--batch-size {setup.cfg.batch_size} is more than the {len(setup.splits.train)} "
                          "training examples")
+
+
+def _lr(cfg: RunConfig, log: steplog.Log) -> float:
+    """The lr of the step after those in `log`: the lower of the schedule over its steps and
+    over its seconds of steps (whichever span is nearer its end), so the lr reaches 0 when the
+    run ends, by --steps or by --time-budget. Only the log decides it, so a resume agrees."""
+    lr = lr_at(len(log), cfg.schedule_steps or cfg.steps, cfg.lr, cfg.schedule)
+    if cfg.schedule_seconds is not None:
+        lr = min(lr, lr_at(sum(log.seconds), cfg.schedule_seconds, cfg.lr, cfg.schedule))
+    return lr
+
+
+def _schedule(cfg: RunConfig) -> str:
+    if cfg.schedule == "constant":
+        return "constant"
+    if cfg.schedule_seconds is None:
+        return f"{cfg.schedule} over {cfg.schedule_steps} steps"
+    return f"{cfg.schedule} over {cfg.schedule_steps} steps or {cfg.schedule_seconds:g} s of steps, whichever " \
+           "ends first"
 
 
 def _ended(cfg: RunConfig, log: steplog.Log, step: int | None = None) -> bool:

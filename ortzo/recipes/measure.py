@@ -31,6 +31,8 @@ from ..model.tokenizer import Tokenizer
 from ..model.weights import WeightStore
 from ..tasks.batches import Batch
 
+LR = 1e-7  # the timed steps' lr: the weights barely move, so every step costs what a training step costs
+
 
 def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Batch:
     """Full rows of random ids (no padding: the shape is what costs), two candidates scored at
@@ -45,10 +47,9 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Ba
 
 
 def engine_on(model: Path, engine: str, batch: Batch, variant: Target | None = None, **settings: Any) -> Engine:
-    """An engine over all of `model`'s parameters, stepping on `batch` (lr small: the weights
-    barely move, so every step costs what a training step costs); `variant`: a target that no
-    file holds, in place of the settings' target."""
-    cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": 1e-7} | settings)
+    """An engine over all of `model`'s parameters, stepping on `batch` (at LR); `variant`: a
+    target that no file holds, in place of the settings' target."""
+    cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": LR} | settings)
     cfg = cfg.resolved()
     manifest = Manifest.load(model)
     return open_engine(cfg, model, WeightStore.load(model, manifest), [p.name for p in manifest.parameters],
@@ -59,11 +60,11 @@ def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **set
     """`n` steps after one warm-up step: the median step seconds and the process's peak RSS."""
     vocab = vocab_size(model)
     e = engine_on(model, engine, random_batch(batch_size, seq_len, vocab), **settings)
-    e.step(0)
+    e.step(0, LR)
     times = []
     for k in range(1, n + 1):
         t = time.perf_counter()
-        e.step(k)
+        e.step(k, LR)
         times.append(time.perf_counter() - t)
     return {"step_s": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
 
@@ -101,12 +102,12 @@ def graph_formats(model: Path, target: str, formats: list[str], batch_size: int,
 def _in_turn(opened: dict[str, Engine], n: int) -> dict[str, float]:
     """One warm-up step each, then `n` rounds of one step each (A B A B ...): median seconds."""
     for e in opened.values():
-        e.step(0)
+        e.step(0, LR)
     times: dict[str, list[float]] = {name: [] for name in opened}
     for k in range(1, n + 1):
         for name, e in opened.items():
             t = time.perf_counter()
-            e.step(k)
+            e.step(k, LR)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(t) for name, t in times.items()}
 
