@@ -27,6 +27,7 @@ from .model.tokenizer import Tokenizer
 from .model.weights import PARAMS, WeightStore
 from .optim.directions import DEFAULT_KIND
 from .optim.estimators import ESTIMATORS, estimator_step
+from .optim.meazo import scale_after
 from .optim.mezo import StepRecord, decay_mask, step_seed
 from .tasks.batches import Batch, Encoder
 from .tasks.data import Rows, batch_indices
@@ -102,31 +103,33 @@ class Model:
     def train(self, include: Sequence[str] = ("*",), exclude: Sequence[str] = (), *, lr: float = 1e-5,
               eps: float = 1e-3, directions: str = DEFAULT_KIND, seed: int = 0, clip: float | None = None,
               weight_decay: float = 0.0, n_directions: int = 1, estimator: str = "mezo",
-              params: str = "all") -> Model:
+              params: str = "all", adaptive: str = "none") -> Model:
         """What the next steps train (parameter-name globs, among all parameters or, with params="vectors",
         the one-dimensional ones) and how (`estimator`: "mezo", or "fzoo" with n_directions >= 2 and no
-        clip); returns the model."""
+        clip; `adaptive`: "meazo" for MEAZO's step size, mezo only); returns the model."""
         fzoo = estimator == "fzoo"
         if not (lr >= 0 and eps > 0 and n_directions >= 1 + fzoo and (clip is None or clip > 0 and not fzoo)
-                and estimator in ESTIMATORS and params in PARAMS):
+                and estimator in ESTIMATORS and params in PARAMS and adaptive in ("none", "meazo")
+                and not (fzoo and adaptive == "meazo")):
             raise OrtzoError(f"bad settings: estimator={estimator}, lr={lr}, eps={eps}, clip={clip}, "
-                             f"n_directions={n_directions}, params={params}")
+                             f"n_directions={n_directions}, params={params}, adaptive={adaptive}")
         self.names = self.store.select(include, exclude, vectors=params == "vectors")
         self.buffers, self.directions = trainable_buffers(self.session, self.names, directions,
                                                           self.target.direction_threads)
         self.decay = decay_mask(self.buffers)
         self.settings = dict(lr=lr, eps=eps, seed=seed, clip=clip, weight_decay=weight_decay,
-                             n_directions=n_directions, estimator=estimator)
+                             n_directions=n_directions, estimator=estimator, adaptive=adaptive)
         return self
 
     def step(self, feeds: Feeds, loss: Callable[[Outputs], float]) -> StepRecord:
         """One step in place (MeZO's, or FZOO's): `loss` maps the graph's outputs to the number to minimise.
         A non-finite loss leaves the weights as they were and raises FloatingPointError."""
         s, n = self.settings, len(self.records)
+        adapt = scale_after(r.grad for r in self.records) if s["adaptive"] == "meazo" else None
         record = estimator_step(s["estimator"], self.buffers, lambda: loss(self.run(feeds)), step=n,
                                 seed=step_seed(s["seed"], n), eps=s["eps"], lr=s["lr"], directions=self.directions,
                                 n_directions=s["n_directions"], clip=s["clip"], weight_decay=s["weight_decay"],
-                                decay=self.decay)
+                                decay=self.decay, adapt=adapt)
         self.records.append(record)
         return record
 

@@ -151,6 +151,10 @@ class RunConfig(Settings):
                                                  "one-sided directions sharing one base loss (N + 1 forwards), the "
                                                  "update divided by the losses' spread (needs --n-directions >= 2, "
                                                  "no --clip; its lr is far smaller)")
+    adaptive: Literal["none", "meazo"] = setting("none", "meazo: MEAZO's adaptive step (arXiv 2605.03869), each "
+                                                "step's lr divided by the root of a moving average of the squared "
+                                                "projected gradient, so --lr is a step length: ~ MeZO's lr x |g| "
+                                                "(mezo only)")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
                                  "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)
@@ -198,9 +202,12 @@ class RunConfig(Settings):
         fields = type(self).model_fields
         ignored = {"ort": ("optimizer", "momentum", "checkpoint_fraction"),
                    "torch-mezo": ("optimizer", "momentum", "checkpoint_fraction", "directions", "n_directions",
-                                  "clip", "estimator"),
-                   "torch-bp": ("eps", "directions", "n_directions", "clip", "estimator")}[self.engine]
+                                  "clip", "estimator", "adaptive"),
+                   "torch-bp": ("eps", "directions", "n_directions", "clip", "estimator", "adaptive")}[self.engine]
         if self.estimator == "fzoo":
+            if self.adaptive != "none":
+                raise ValueError("--adaptive: not used by --estimator fzoo (its update is normalized by the "
+                                 "losses' spread)")
             if self.clip is not None:
                 raise ValueError("--clip: not used by --estimator fzoo (its update is normalized by the losses' "
                                  "spread)")

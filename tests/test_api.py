@@ -62,6 +62,20 @@ def test_step_is_the_spsa_update_the_test_computes(tiny_model, tiny_data):
     assert len(model.records) == 1
 
 
+def test_meazo_scales_each_step_by_the_moment_of_the_earlier_gradients(tiny_model, tiny_data):
+    """MEAZO's closed forms for two steps: lr / |g1|, then lr / sqrt((beta g1^2 + g2^2) / (1 + beta))."""
+    model = ortzo.open(tiny_model).train(lr=1e-3, eps=1e-2, seed=2, adaptive="meazo")
+    clf = model.classifier("sst2", template="mezo")
+    rows = _rows(tiny_data)
+    first, second = (model.step(b.feeds, lambda out, b=b: clf.loss(out, b)) for b in (clf.batch(rows[:8]),
+                                                                                      clf.batch(rows[8:16])))
+    g1, g2 = first.grads[0], second.grads[0]
+    assert first.lr == pytest.approx(1e-3 / abs(g1)) and second.lr == pytest.approx(
+        1e-3 / np.sqrt((0.99 * g1 ** 2 + g2 ** 2) / 1.99))
+    with pytest.raises(OrtzoError, match="adaptive=meazo"):
+        model.train(estimator="fzoo", n_directions=2, adaptive="meazo")
+
+
 def test_fit_learns_and_its_records_replay_exactly(tiny_model, tiny_data):
     model = ortzo.open(tiny_model).train(lr=1e-2, eps=1e-2, seed=1, clip=1.0)
     clf = model.classifier("sst2", template="mezo")

@@ -444,6 +444,26 @@ def test_schedule_steps_alone_span_the_schedule_under_a_time_budget(tiny_model, 
     assert json.loads(config.read_text())["schedule_seconds"] is None
 
 
+def test_meazo_divides_each_lr_by_the_moment_of_the_logged_gradients_and_resumes_exactly(tiny_model, tiny_data,
+                                                                                         tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    meazo = ["--adaptive", "meazo", "--lr", "1e-3", "--schedule", "linear"]
+    assert _finetune(tiny_model, tiny_data, whole, *meazo) == 0
+    assert "MEAZO's adaptive step" in capsys.readouterr().out
+    steps = _lines(whole / "steps.jsonl")
+    v, want = 0.0, []
+    for t, s in enumerate(steps):  # the moment, in the test's own loop over the logged gradients
+        g = float(np.mean(s["grads"]))
+        v = 0.99 * v + 0.01 * g * g
+        want.append(1e-3 * (1 - t / 12) / (np.sqrt(v / (1 - 0.99 ** (t + 1))) + 1e-8))
+    assert [s["lr"] for s in steps] == pytest.approx(want, rel=1e-9)
+    assert _finetune(tiny_model, tiny_data, parts, *meazo, "--steps", "7", "--schedule-steps", "12") == 0
+    assert main(["finetune", "--resume", "--out", str(parts), "--steps", "12"]) == 0
+    assert _untimed(_lines(parts / "steps.jsonl")) == _untimed(steps)
+    final = "checkpoints/step-0000012/weights.bin"
+    assert (whole / final).read_bytes() == (parts / final).read_bytes()
+
+
 def test_the_defaults_follow_the_estimator_and_engine():
     from ortzo.config import RunConfig
 

@@ -39,6 +39,10 @@ def test_an_fzoo_run_replays_from_its_log(tiny_model, tiny_data, tmp_path, capsy
     (["--estimator", "fzoo"], "--estimator fzoo needs --n-directions of 2 or more"),
     (["--estimator", "fzoo", "--n-directions", "4", "--clip", "5"], "--clip: not used by --estimator fzoo"),
     (["--estimator", "fzoo", "--n-directions", "4", "--engine", "torch-mezo"], "--estimator: not used by --engine"),
+    (["--estimator", "fzoo", "--n-directions", "4", "--clip", "none", "--adaptive", "meazo"],
+     "--adaptive: not used by --estimator fzoo"),
+    (["--engine", "torch-bp", "--adaptive", "meazo"], "--adaptive: not used by --engine torch-bp"),
+    (["--adaptive", "adam"], "--adaptive"),
 ])
 def test_bad_estimator_settings_are_one_line(tiny_model, tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

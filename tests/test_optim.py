@@ -83,6 +83,36 @@ def test_step_updates_weights_by_mezos_formula(q, wd, mask):
     assert rec.step == 7 and rec.seed == 99 and rec.lr == lr and rec.eps == eps and rec.weight_decay == wd
 
 
+def test_meazo_scale_is_the_root_of_the_bias_corrected_moment():
+    """Closed forms, not the module's loop: the first step's moment is g^2 itself (a step of
+    lr sign(g)); after a, the moment of b is (beta a^2 + b^2) / (1 + beta)."""
+    from ortzo.optim.meazo import BETA, scale_after
+
+    assert scale_after([])(-4.0) == pytest.approx(1 / 4)
+    assert scale_after([3.0])(-1.0) == pytest.approx(1 / np.sqrt((BETA * 9 + 1) / (1 + BETA)))
+    assert scale_after([3.0], beta=0.5)(1.0) == pytest.approx(1 / np.sqrt((0.5 * 9 + 1) / 1.5))
+    assert np.isfinite(scale_after([0.0, 0.0])(0.0))
+
+
+def test_an_adaptive_step_applies_and_records_its_scaled_lr():
+    w, _, loss_at = _problem(2)
+    w0 = [a.copy() for a in w]
+    d = KeptDirections(SHAPES, seed=2)
+    eps, lr = 1e-2, 0.05
+    rec = mezo_step(w, lambda: loss_at(w), step=0, seed=3, eps=eps, lr=lr, directions=d, n_directions=2,
+                    adapt=lambda g: 0.5 / abs(g))
+    grads, _ = _expected(w0, [d(direction_seed(3, i)) for i in range(2)], loss_at, eps, lr)
+    scaled = lr * 0.5 / abs(np.mean(grads))
+    assert rec.lr == pytest.approx(scaled, rel=1e-3)
+    _, want = _expected(w0, [d(direction_seed(3, i)) for i in range(2)], loss_at, eps, scaled)
+    for got, expect in zip(w, want):
+        np.testing.assert_allclose(got, expect, rtol=0, atol=2e-5)
+    fresh, _, _ = _problem(2)
+    replay(fresh, [rec], d)  # the record alone replays it
+    for a, b in zip(fresh, w):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_step_records_both_losses_and_their_mean():
     w, _, loss_at = _problem(1)
     w0 = [a.copy() for a in w]

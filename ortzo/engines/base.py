@@ -21,6 +21,7 @@ from ..tasks.batches import Batch
 
 ENGINES = ("ort", "torch-bp", "torch-mezo")
 BatchAt = Callable[[int], Batch]  # the training batch of step n
+Adapt = Callable[[float], float]  # a step's projected gradient -> the factor of its lr (optim/meazo.py)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Engine(Protocol):
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Candidate log-probabilities [N, K], as the scoring head defines them."""
 
-    def step(self, step: int, lr: float) -> Record:
-        """Train on step `step`'s batch at learning rate `lr` (the recipe's schedule picks it);
+    def step(self, step: int, lr: float, adapt: Adapt | None = None) -> Record:
+        """Train on step `step`'s batch at learning rate `lr` (the recipe's schedule picks it),
+        times `adapt`(the step's projected gradient) where given (the ort engine's MeZO only);
         FloatingPointError (weights unchanged) on a non-finite loss."""
 
     def replay(self, records: Sequence[Record]) -> None:

@@ -19,7 +19,7 @@ from ..optim.directions import Directions
 from ..optim.estimators import estimator_step
 from ..optim.mezo import StepRecord, decay_mask, replay, step_seed
 from ..tasks.objective import loss
-from .base import BatchAt
+from .base import Adapt, BatchAt
 
 
 class OrtMezo:
@@ -34,7 +34,7 @@ class OrtMezo:
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session(feeds)
 
-    def step(self, step: int, lr: float) -> StepRecord:
+    def step(self, step: int, lr: float, adapt: Adapt | None = None) -> StepRecord:
         cfg, batch = self.cfg, self.batch_at(step)
 
         def batch_loss() -> float:
@@ -44,7 +44,7 @@ class OrtMezo:
                               step=step, seed=step_seed(cfg.seed, step), eps=cfg.eps,
                               lr=lr, directions=self.directions,
                               n_directions=cfg.n_directions, clip=cfg.clip, weight_decay=cfg.weight_decay,
-                              decay=self.decay)
+                              decay=self.decay, adapt=adapt)
 
     def replay(self, records: Sequence[StepRecord]) -> None:
         replay(self.buffers, records, self.directions, self.decay)

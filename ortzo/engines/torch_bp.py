@@ -55,7 +55,7 @@ class TorchBackprop:
         for r in records:
             self.step(r.step, r.lr)
 
-    def step(self, step: int, lr: float) -> BackpropRecord:
+    def step(self, step: int, lr: float, adapt: None = None) -> BackpropRecord:  # no adaptive step here
         batch = self.batch_at(step)
         self.model.train()  # checkpointing acts in training mode; dropout is off
         try:

@@ -36,7 +36,7 @@ class TorchMezo:
         with torch.inference_mode():
             return scores(self.model, feeds).numpy()
 
-    def step(self, step: int, lr: float) -> StepRecord:
+    def step(self, step: int, lr: float, adapt: None = None) -> StepRecord:  # no adaptive step here
         cfg = self.cfg
         seed, eps = step_seed(cfg.seed, step), cfg.eps
         batch = self.batch_at(step)

@@ -51,6 +51,11 @@ class StepRecord:
             return self.loss_minus[0]
         return float(np.mean(self.loss_plus + self.loss_minus))
 
+    @property
+    def grad(self) -> float:
+        """The mean projected gradient over the step's directions: what an adaptive step size sees."""
+        return float(np.mean(self.grads))
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -79,9 +84,12 @@ def mezo_step(
     clip: float | None = None,
     weight_decay: float = 0.0,
     decay: Sequence[bool] | None = None,
+    adapt: Callable[[float], float] | None = None,
 ) -> StepRecord:
     """One SPSA step in place on `buffers`. `decay[i]` says whether buffer i gets weight decay
-    (default: all). A non-finite loss restores the weights and raises FloatingPointError."""
+    (default: all). `adapt` maps the step's mean projected gradient to a factor of its lr (an
+    adaptive step size, optim/meazo.py); the record holds the lr applied. A non-finite loss
+    restores the weights and raises FloatingPointError."""
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive, got {clip}")
     grads, lplus, lminus = [], [], []
@@ -102,6 +110,8 @@ def mezo_step(
         lminus.append(lm)
         if n_directions > 1:
             directions.add(buffers, s, eps)
+    if adapt is not None:
+        lr *= adapt(float(np.mean(grads)))
     record = StepRecord(step, seed, tuple(grads), lr, eps, weight_decay, tuple(lplus), tuple(lminus))
     _update(buffers, record, directions, decay)
     return record

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from .. import jsonl
 from ..config import RECORDED, RunConfig, flag
-from ..engines.base import Engine, record_type
+from ..engines.base import Adapt, Engine, record_type
 from ..errors import OrtzoError
-from ..optim import steplog
+from ..optim import meazo, steplog
 from ..optim.mezo import lr_at
 from ..run import checkpoint
 from ..run.folder import RunFolder
@@ -104,7 +104,8 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
           f"eps {cfg.eps:g}, batch {cfg.batch_size} "
           f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
           f"clip {cfg.clip}, "
-          f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}")
+          f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}"
+          + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo"))
 
     def save(step: int) -> None:
         checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
@@ -135,7 +136,7 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
                 break
             t0 = time.perf_counter()
             try:
-                record = engine.step(step, _lr(cfg, log))
+                record = engine.step(step, _lr(cfg, log), _adapt(cfg, log))
             except FloatingPointError as e:
                 raise OrtzoError(f"{e}; the run stopped before logging it: continue with a smaller --lr or --clip "
                                  f"(ortzo finetune --resume --out {run.path} --lr ...)") from None
@@ -205,6 +206,13 @@ def _lr(cfg: RunConfig, log: steplog.Log) -> float:
     if cfg.schedule_seconds is not None:
         lr = min(lr, lr_at(sum(log.seconds), cfg.schedule_seconds, cfg.lr, cfg.schedule))
     return lr
+
+
+def _adapt(cfg: RunConfig, log: steplog.Log) -> Adapt | None:
+    """The adaptive step of the step after those in `log`: MEAZO's scale from their gradients."""
+    if cfg.adaptive == "none":
+        return None
+    return meazo.scale_after(r.grad for r in log.records)
 
 
 def _schedule(cfg: RunConfig) -> str:
