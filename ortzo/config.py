@@ -88,6 +88,9 @@ def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
 RECIPE = {("mezo", "vectors"): {"lr": 2e-4, "clip": 30.0, "schedule": "linear"},
           ("mezo", "all"): {"lr": 5e-5, "clip": 30.0},
           ("fzoo", "all"): {"lr": 1e-6, "clip": None}}
+# With MEAZO's adaptive step --lr is a step length: 1e-3 on the vectors applied 1.4-1.8e-4 a step, about
+# MeZO's 2e-4 (the rms of the projected gradient there is ~6-7); on every parameter it is unmeasured.
+MEAZO_LR = 1e-3
 
 
 # Settings added after runs were written, with what those runs did (today's defaults differ, and a
@@ -113,6 +116,8 @@ class RunConfig(Settings):
             every = "include" in values or "exclude" in values or estimator != "mezo"
             params = values.get("params", "all" if every else "vectors")
             recipe = RECIPE.get((estimator, params), RECIPE.get((estimator, "all"), {}))
+            if values.get("adaptive") == "meazo":
+                recipe = recipe | {"lr": MEAZO_LR}
             return {"params": params} | recipe | values
         return values
 
@@ -131,7 +136,8 @@ class RunConfig(Settings):
                                         "(train_seconds) reach this; evaluated and saved there", resumable=True, gt=0)
     batch_size: int = setting(16, "training examples per step", ge=1)
     lr: float = setting(1e-5, "learning rate (peak, for the linear schedule); default: 2e-4 (mezo on the vectors), "
-                              "5e-5 (mezo on all), 1e-6 (fzoo), 1e-5 (the torch engines)", resumable=True, ge=0)
+                              "5e-5 (mezo on all), 1e-3 (with --adaptive meazo), 1e-6 (fzoo), 1e-5 (the torch "
+                              "engines)", resumable=True, ge=0)
     eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
     schedule: Literal["constant", "linear", "wsd"] = setting("constant", "learning-rate schedule; linear decays "
                                                              "to 0 at schedule_steps; wsd: constant, then linear "
@@ -154,7 +160,7 @@ class RunConfig(Settings):
     adaptive: Literal["none", "meazo"] = setting("none", "meazo: MEAZO's adaptive step (arXiv 2605.03869), each "
                                                 "step's lr divided by the root of a moving average of the squared "
                                                 "projected gradient, so --lr is a step length: ~ MeZO's lr x |g| "
-                                                "(mezo only)")
+                                                "(default 1e-3; mezo only)")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
                                  "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)

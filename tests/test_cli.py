@@ -478,3 +478,5 @@ def test_the_defaults_follow_the_estimator_and_engine():
     assert built(estimator="fzoo", n_directions=4) == ("all", 1e-6, None, "constant")  # normalized: no clip
     assert built(engine="torch-bp") == ("all", 1e-5, None, "constant") == built(engine="torch-mezo")
     assert built(lr=1e-4, clip="none", schedule="wsd") == ("vectors", 1e-4, None, "wsd")  # what is given wins
+    assert built(adaptive="meazo") == ("vectors", 1e-3, 30.0, "linear")  # --lr is a step length there
+    assert built(adaptive="meazo", lr=3e-3)[1] == 3e-3
