@@ -88,7 +88,7 @@ def _explain(cls: type[Settings], err: dict[str, Any]) -> str:
 RECIPE = {("mezo", "vectors"): {"lr": 2e-4, "clip": 30.0, "schedule": "linear"},
           ("mezo", "all"): {"lr": 5e-5, "clip": 30.0},
           ("fzoo", "all"): {"lr": 1e-6, "clip": None}}
-# With MEAZO's adaptive step --lr is a step length: 1e-3 on the vectors applied 1.4-1.8e-4 a step, about
+# With MEAZO's adaptive step --lr is a step length: 1e-3 on the vectors applied ~1.6e-4 at the start, about
 # MeZO's 2e-4 (the rms of the projected gradient there is ~6-7); on every parameter it is unmeasured.
 MEAZO_LR = 1e-3
 
