@@ -40,6 +40,10 @@ def _reference(hf_dir):
     return model, candidate_loss
 
 
+def _weights(store):
+    return np.concatenate([a.ravel() for a in store.arrays.values()]).astype(np.float64)
+
+
 def _np(tensor):
     return tensor.detach().numpy()
 
@@ -135,6 +139,22 @@ def test_checkpointing_layers_changes_memory_not_the_update(tiny_model, tiny_dat
     for name, a in stores[0.0].arrays.items():
         np.testing.assert_array_equal(a, stores[1.0].arrays[name], err_msg=name)
     assert saved[1.0] < 0.7 * saved[0.0]
+
+
+@pytest.mark.parametrize("engine,extra", [("ort", {"params": "all", "clip": "none"}), ("torch-mezo", {}),
+                                          ("torch-bp", {"optimizer": "sgd"})])
+def test_every_engine_steps_at_the_lr_it_is_given(tiny_model, tiny_data, engine, extra):
+    """The recipe's schedule picks each step's lr, not the config's --lr: the same step at 3x
+    the lr moves every weight 3x as far (each update is linear in the lr) and logs that lr."""
+    moved = {}
+    for lr in (1e-3, 3e-3):
+        setup = _setup(tiny_model, tiny_data, engine=engine, lr=0.5, **extra)  # never the lr used
+        e = setup.engine(setup.load_store())
+        before = _weights(e.store)
+        assert e.step(0, lr).lr == lr
+        moved[lr] = _weights(e.store) - before
+    assert np.abs(moved[1e-3]).max() > 0
+    np.testing.assert_allclose(moved[3e-3], 3 * moved[1e-3], rtol=0, atol=1e-6)
 
 
 def test_torch_mezo_step_is_the_reference_arithmetic(tiny_hf, tiny_model, tiny_data):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -110,9 +110,9 @@ def mezo_step(
         lminus.append(lm)
         if n_directions > 1:
             directions.add(buffers, s, eps)
-    if adapt is not None:
-        lr *= adapt(float(np.mean(grads)))
     record = StepRecord(step, seed, tuple(grads), lr, eps, weight_decay, tuple(lplus), tuple(lminus))
+    if adapt is not None:
+        record = replace(record, lr=lr * adapt(record.grad))
     _update(buffers, record, directions, decay)
     return record
 
