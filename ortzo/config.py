@@ -27,6 +27,7 @@ from .engines.base import ENGINES
 from .errors import OrtzoError
 from .optim.directions import DEFAULT_KIND, KINDS
 from .optim.estimators import ESTIMATORS
+from .optim.precondition import SCALES
 from .model.placement import PROVIDERS
 from .model.weights import PARAMS
 from .tasks.task import HUB
@@ -161,6 +162,10 @@ class RunConfig(Settings):
                                                 "step's lr divided by the root of a moving average of the squared "
                                                 "projected gradient, so --lr is a step length: ~ MeZO's lr x |g| "
                                                 "(default 1e-3; mezo only)")
+    direction_scale: Literal[SCALES] = setting("none", "scale each tensor's directions by a fixed factor "
+                                              "(a diagonal preconditioner, recorded at the run's start): "
+                                              "weight-rms: the root of the tensor's weight rms over their "
+                                              "mean, so small-weight tensors take smaller steps")
     n_directions: int = setting(1, "directions per step (q), their updates averaged", resumable=True, ge=1)
     clip: float | None = setting(None, "clip the projected gradient to [-clip, clip]; none: no clipping; "
                                  "default: 30 (mezo), none (fzoo, the torch engines)", resumable=True, gt=0)
@@ -208,8 +213,9 @@ class RunConfig(Settings):
         fields = type(self).model_fields
         ignored = {"ort": ("optimizer", "momentum", "checkpoint_fraction"),
                    "torch-mezo": ("optimizer", "momentum", "checkpoint_fraction", "directions", "n_directions",
-                                  "clip", "estimator", "adaptive"),
-                   "torch-bp": ("eps", "directions", "n_directions", "clip", "estimator", "adaptive")}[self.engine]
+                                  "clip", "estimator", "adaptive", "direction_scale"),
+                   "torch-bp": ("eps", "directions", "n_directions", "clip", "estimator", "adaptive",
+                                "direction_scale")}[self.engine]
         if self.estimator == "fzoo":
             if self.adaptive != "none":
                 raise ValueError("--adaptive: not used by --estimator fzoo (its update is normalized by the "

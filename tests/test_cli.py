@@ -480,3 +480,60 @@ def test_the_defaults_follow_the_estimator_and_engine():
     assert built(lr=1e-4, clip="none", schedule="wsd") == ("vectors", 1e-4, None, "wsd")  # what is given wins
     assert built(adaptive="meazo") == ("vectors", 1e-3, 30.0, "linear")  # --lr is a step length there
     assert built(adaptive="meazo", lr=3e-3)[1] == 3e-3
+
+
+def test_weight_rms_direction_scales_are_recorded_applied_and_replayed(tiny_model, tiny_data, tmp_path, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    scaled = ["--params", "vectors", "--direction-scale", "weight-rms", "--schedule", "linear"]
+    assert _finetune(tiny_model, tiny_data, whole, *scaled, "--keep-checkpoints", "3") == 0
+    assert "directions scaled by weight-rms" in capsys.readouterr().out
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    vectors = [p for p in manifest["parameters"] if len(p["shape"]) == 1]
+    w0 = {p["name"]: np.frombuffer((tiny_model / "weights.bin").read_bytes(), np.float32, p["shape"][0],
+                                   p["offset"]).astype(np.float64) for p in vectors}
+    rms = {n: np.sqrt((w ** 2).mean()) for n, w in w0.items()}  # the tiny norms are ~1: no floor
+    mean = sum(rms[n] * w0[n].size for n in w0) / sum(w.size for w in w0.values())
+    recorded = json.loads((whole / "config.json").read_text())["recorded"]["direction_scales"]
+    assert recorded == pytest.approx({n: np.sqrt(rms[n] / mean) for n in w0}, rel=1e-9)
+    # the first 4 steps' updates, rebuilt by the test from the log: w4 = w0 - sum_t lr_t g_t s z_t
+    from ortzo.optim.directions import Directions
+    from ortzo.optim.mezo import step_seed
+    steps, z = _lines(whole / "steps.jsonl")[:4], Directions("rademacher-counter", threads=1)
+    after = (whole / "checkpoints/step-0000004/weights.bin").read_bytes()
+    names = list(w0)
+    want = {n: w0[n].copy() for n in names}
+    for t, s in enumerate(steps):
+        assert s["seed"] == step_seed(0, t)
+        for n, zn in zip(names, z.sample([w0[n].shape for n in names], s["seed"])):
+            want[n] -= s["lr"] * s["grads"][0] * recorded[n] * zn
+    for p in vectors:
+        got = np.frombuffer(after, np.float32, p["shape"][0], p["offset"])
+        np.testing.assert_allclose(got, want[p["name"]], atol=1e-6)
+    assert any(abs(recorded[n] - 1) > 1e-3 for n in names)  # the scales matter in this check
+    # resumed from a checkpoint the run keeps the scales of its start, so it equals the whole run
+    assert _finetune(tiny_model, tiny_data, parts, *scaled, "--steps", "7", "--schedule-steps", "12") == 0
+    assert main(["finetune", "--resume", "--out", str(parts), "--steps", "12"]) == 0
+    final = "checkpoints/step-0000012/weights.bin"
+    assert (whole / final).read_bytes() == (parts / final).read_bytes()
+    capsys.readouterr()
+    assert main(["eval", str(whole), "--step", "6"]) == 0  # a replay of the log applies them too
+    result, row = json.loads(capsys.readouterr().out.strip().splitlines()[-1]), _lines(whole / "metrics.jsonl")[1]
+    assert result["loss"] == pytest.approx(row["eval_loss"], rel=1e-6)
+
+
+def test_corrupt_recorded_direction_scales_are_one_line(tiny_model, tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _finetune(tiny_model, tiny_data, run, "--params", "vectors", "--direction-scale", "weight-rms",
+                     "--steps", "4") == 0
+    good = json.loads((run / "config.json").read_text())
+    for scales, message in (("nope", "corrupt run config"), (None, "corrupt run config"),
+                            (dict(list(good["recorded"]["direction_scales"].items())[1:]), "miss 1 of")):
+        config = json.loads(json.dumps(good))
+        if scales is None:
+            del config["recorded"]["direction_scales"]  # a scaled run must not replay unscaled
+        else:
+            config["recorded"]["direction_scales"] = scales
+        (run / "config.json").write_text(json.dumps(config))
+        _expect_error(capsys, ["eval", str(run)], message)
+        _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--steps", "6"], message)
+    assert len(_lines(run / "steps.jsonl")) == 4  # nothing of the run was touched

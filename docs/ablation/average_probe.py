@@ -20,7 +20,7 @@ run = RunFolder(run_dir)
 saved = run.read_config()
 recorded = saved.pop(RECORDED)
 cfg = RunConfig.from_saved(saved)
-setup = prepare(cfg, Task.from_json(recorded["task"]))
+setup = prepare(cfg, Task.from_json(recorded["task"]), recorded=recorded)
 log = steplog.read(run.steps, record_type(cfg.engine))
 n = len(log.records)
 for frac in fractions:

@@ -19,22 +19,27 @@ from ortzo.tasks.task import load_task
 BATCHES = 4
 
 
-def main(model: str, data: str) -> None:
-    cfg = RunConfig.build({"model": model, "task": "sst2", "data": data}).resolved()
-    setup = prepare(cfg, load_task(cfg.task, cfg.template), say=lambda *_: None)
-    store = setup.load_store()
+def batch_gradients(setup, store, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """Autograd's gradient of each of `names` on each of the first BATCHES training batches."""
     module = load_module(setup.model_dir, store)
-    names = setup.trained(store)
     params = dict(module.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
-    grads = {n: np.zeros_like(store.arrays[n]) for n in names}
+    grads = []
     for step in range(BATCHES):
         batch = setup.train_batch(step)
         module.zero_grad()
         candidate_loss(word_scores(module, batch), batch.labels).backward()
-        for n in names:
-            grads[n] += params[n].grad.numpy() / BATCHES
+        grads.append({n: params[n].grad.numpy().copy() for n in names})
+    return grads
+
+
+def main(model: str, data: str) -> None:
+    cfg = RunConfig.build({"model": model, "task": "sst2", "data": data}).resolved()
+    setup = prepare(cfg, load_task(cfg.task, cfg.template), say=lambda *_: None)
+    store = setup.load_store()
+    names = setup.trained(store)
+    grads = {n: np.mean([g[n] for g in batch_gradients(setup, store, names)], axis=0) for n in names}
     total = sum(float((g ** 2).sum()) for g in grads.values())
     out = csv.writer(sys.stdout)
     out.writerow(["parameter", "size", "weight_rms", "grad_rms", "share_of_squared_grad"])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..model.targets import Target
 from ..model.weights import WeightStore
+from ..optim.precondition import Scale
 from .base import BatchAt, Engine, Saved
 
 if TYPE_CHECKING:
@@ -16,13 +17,15 @@ if TYPE_CHECKING:
 
 
 def open_engine(cfg: RunConfig, model_dir: Path, store: WeightStore, names: list[str], target: Target,
-                batch_at: BatchAt, saved: Saved | None = None) -> Engine:
+                batch_at: BatchAt, saved: Saved | None = None, scales: dict[str, Scale] | None = None) -> Engine:
     """`cfg.engine` over `store`, training the parameters `names` on `batch_at(step)`; `saved`:
-    the checkpoint the store came from. Imports only the chosen engine (torch only for torch)."""
+    the checkpoint the store came from; `scales`: each parameter's direction scale (the ort
+    engine's, optim/precondition.py), as the run recorded them. Imports only the chosen engine
+    (torch only for torch)."""
     if cfg.engine == "ort":
         from .ort import OrtMezo
 
-        return OrtMezo(cfg, model_dir, store, names, target, batch_at)
+        return OrtMezo(cfg, model_dir, store, names, target, batch_at, scales)
     if cfg.engine == "torch-bp":
         from .torch_bp import TorchBackprop
 

@@ -12,23 +12,30 @@ from typing import Any
 import numpy as np
 
 from ..config import RunConfig
+from ..errors import OrtzoError
 from ..model.session import ScoringSession
 from ..model.targets import Target
 from ..model.weights import WeightStore
 from ..optim.directions import Directions
 from ..optim.estimators import estimator_step
 from ..optim.mezo import StepRecord, decay_mask, replay, step_seed
+from ..optim.precondition import Scale, ScaledDirections
 from ..tasks.objective import loss
 from .base import Adapt, BatchAt
 
 
 class OrtMezo:
     def __init__(self, cfg: RunConfig, model_dir: Path, store: WeightStore, names: list[str], target: Target,
-                 batch_at: BatchAt) -> None:
+                 batch_at: BatchAt, scales: dict[str, Scale] | None = None) -> None:
         self.cfg, self.store, self.batch_at = cfg, store, batch_at
         self.session = ScoringSession(model_dir, store, target)
         self.buffers, self.directions = trainable_buffers(self.session, names, cfg.directions,
                                                           target.direction_threads)
+        if scales is not None:
+            if missing := [n for n in names if n not in scales]:
+                raise OrtzoError(f"the run's recorded direction scales miss {len(missing)} of its parameters "
+                                 f"({missing[0]}, ...): a corrupt run config")
+            self.directions = ScaledDirections(self.directions, [scales[n] for n in names])
         self.decay = decay_mask(self.buffers)
 
     def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

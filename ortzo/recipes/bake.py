@@ -23,7 +23,7 @@ from ..run.folder import RunFolder
 from ..tasks.batches import Encoder
 from ..tasks.data import Splits
 from ..tasks.task import Task
-from .setup import Setup, prepare, version_notes
+from .setup import Setup, prepare, recorded_scales, version_notes
 
 
 def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool = False,
@@ -68,11 +68,12 @@ def _run_weights(run: RunFolder, step: int | None, say: Callable[[str], None]) -
     log = steplog.read(run.steps, record_type(cfg.engine))
     at = len(log) if step is None else step
     if cfg.engine == "torch-bp" and at not in (0, *checkpoint.saved(run.path)):
-        setup = prepare(cfg, task, say=say)  # backprop recomputes its steps from their batches
+        setup = prepare(cfg, task, say=say, recorded=recorded)  # backprop recomputes its steps from their batches
     else:
         manifest = Manifest.load(cfg.model)
         setup = Setup(cfg, task, manifest, load_target(cfg.target), Splits([], []),
-                      Encoder(task, Tokenizer(cfg.model, manifest.tokenizer), cfg.max_length))
+                      Encoder(task, Tokenizer(cfg.model, manifest.tokenizer), cfg.max_length),
+                      recorded_scales(cfg, recorded))
     setup.check_model(recorded, run.path)
     for note in version_notes(recorded):
         say(note)

@@ -39,7 +39,7 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
         task = Task.from_json(recorded["task"])
         if opts.task or opts.template:
             task = load_task(opts.task or task.name, opts.template)
-        setup = prepare(cfg, task, say=stderr)
+        setup = prepare(cfg, task, say=stderr, recorded=recorded)
         setup.check_model(recorded, run.path)
         log = steplog.read(run.steps, record_type(cfg.engine))  # a torn tail (a live run mid-write) is left alone
         steps = len(log) if opts.step is None else opts.step

@@ -43,7 +43,9 @@ def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     cfg = cfg.resolved()
     setup = prepare(cfg, load_task(cfg.task, cfg.template))
     _check_batch(setup)
-    engine = setup.engine(setup.load_store())  # checksum, patterns, the engine's own needs: before any write
+    store = setup.load_store()
+    setup = setup.with_scales(store)  # from the weights the run starts from, recorded with it
+    engine = setup.engine(store)  # checksum, patterns, the engine's own needs: before any write
     run = RunFolder(out)
     with run.locked(create=True):
         run.check_new()
@@ -66,7 +68,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
             may = ", ".join(flag(k) for k in RunConfig.model_fields if RunConfig.resumable(k))
             raise OrtzoError(f"cannot resume {run.path} with another {', '.join(fixed)}: fixed at the run's start "
                              f"(a resumed run may change {may})")
-        setup = prepare(cfg, Task.from_json(recorded["task"]))
+        setup = prepare(cfg, Task.from_json(recorded["task"]), recorded=recorded)
         setup.check_model(recorded, run.path)
         for note in version_notes(recorded):
             print(note)
@@ -105,7 +107,8 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
           f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
           f"clip {cfg.clip}, "
           f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}"
-          + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo"))
+          + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo")
+          + _scales(setup))
 
     def save(step: int) -> None:
         checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
@@ -213,6 +216,13 @@ def _adapt(cfg: RunConfig, log: steplog.Log) -> Adapt | None:
     if cfg.adaptive == "none":
         return None
     return meazo.scale_after(r.grad for r in log.records)
+
+
+def _scales(setup: Setup) -> str:
+    if setup.scales is None:
+        return ""
+    s = np.concatenate([np.ravel(v) for v in setup.scales.values()])
+    return f", directions scaled by {setup.cfg.direction_scale} ({s.min():.2f}-{s.max():.2f})"
 
 
 def _schedule(cfg: RunConfig) -> str:

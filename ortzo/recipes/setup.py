@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 
 from ..config import RunConfig
 from ..engines import open_engine
@@ -20,10 +21,12 @@ from ..model.manifest import Manifest
 from ..model.targets import Target, load_target
 from ..model.tokenizer import Tokenizer
 from ..model.weights import WeightStore
+from ..optim.precondition import Scale, weight_rms_scales
 from ..tasks.batches import Batch, Encoder
 from ..tasks.data import Splits, batch_indices, make_splits
 from ..tasks.task import Task
 
+SCALES_KEY = "direction_scales"  # in a run's recorded section: parameter name -> its directions' scale
 VERSIONED = ("ortzo", "numpy", "onnxruntime", "tokenizers")
 TORCH_VERSIONED = ("torch", "transformers")  # what a PyTorch engine's run also depends on
 
@@ -36,6 +39,7 @@ class Setup:
     target: Target
     splits: Splits
     encoder: Encoder
+    scales: dict[str, Scale] | None = None  # each trained parameter's direction scale, as the run recorded it
 
     @property
     def model_dir(self) -> Path:
@@ -53,7 +57,7 @@ class Setup:
         """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
         try:
             return open_engine(self.cfg, self.model_dir, store, self.trained(store), self.target, self.train_batch,
-                               saved)
+                               saved, self.scales)
         except ModuleNotFoundError as e:
             raise OrtzoError(f"--engine {self.cfg.engine} needs PyTorch and transformers: "
                              f"pip install 'ortzo[export]' ({e})") from None
@@ -73,11 +77,22 @@ class Setup:
         return self.encoder.batch([self.train_ids[i] for i in idx],
                                   [self.splits.train[i][self.task.label_field] for i in idx])
 
+    def with_scales(self, store: WeightStore) -> Setup:
+        """This setup with the direction scales `cfg.direction_scale` picks from `store`'s
+        weights (the run's start), or none."""
+        if self.cfg.direction_scale == "none":
+            return self
+        names = self.trained(store)
+        return replace(self, scales=dict(zip(names, weight_rms_scales([store.arrays[n] for n in names]))))
+
     def recorded(self) -> dict[str, Any]:
-        """What the run is checked against when it resumes or is evaluated."""
+        """What the run is checked against when it resumes or is evaluated, and the direction
+        scales its steps replay with."""
+        scales = {} if self.scales is None else \
+            {SCALES_KEY: {n: np.asarray(v).tolist() for n, v in self.scales.items()}}
         return {"model_weights_sha256": self.manifest.weights_sha256,
                 "model_graph_sha256": sha256_file(self.model_dir / self.manifest.graph),
-                "task": self.task.to_json(), "versions": versions(self.cfg.engine)}
+                "task": self.task.to_json(), "versions": versions(self.cfg.engine)} | scales
 
     def check_model(self, recorded: dict[str, Any], run: Path) -> None:
         """The model folder must hold the weights and graph the run started from."""
@@ -90,8 +105,9 @@ class Setup:
                                  "was it re-exported? the run needs its original model folder")
 
 
-def prepare(cfg: RunConfig, task: Task, say=print) -> Setup:
-    """Check every input of `cfg` (reading the model's manifest, target, task data, tokenizer)."""
+def prepare(cfg: RunConfig, task: Task, say=print, recorded: dict[str, Any] | None = None) -> Setup:
+    """Check every input of `cfg` (reading the model's manifest, target, task data, tokenizer);
+    for a run already started, its `recorded` section gives the direction scales."""
     model_dir = Path(cfg.model)
     manifest = Manifest.load(model_dir)
     target = load_target(cfg.target)
@@ -107,7 +123,22 @@ def prepare(cfg: RunConfig, task: Task, say=print) -> Setup:
     if splits.note:
         say(f"note: {splits.note}")
     encoder = Encoder(task, Tokenizer(model_dir, manifest.tokenizer), cfg.max_length)
-    return Setup(cfg, task, manifest, target, splits, encoder)
+    return Setup(cfg, task, manifest, target, splits, encoder, recorded_scales(cfg, recorded))
+
+
+def recorded_scales(cfg: RunConfig, recorded: dict[str, Any] | None) -> dict[str, Scale] | None:
+    """The direction scales a run recorded at its start (None: unscaled directions; a number per
+    parameter, or a list per coordinate), checked against the parameters it trains."""
+    if recorded is None:
+        return None
+    scales = recorded.get(SCALES_KEY)
+    if scales is None and cfg.direction_scale == "none":
+        return None
+    try:
+        return {str(n): np.asarray(v, np.float32) if isinstance(v, list) else float(v) for n, v in scales.items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise OrtzoError(f"corrupt run config: its recorded {SCALES_KEY} ({type(e).__name__}: {e}); the run "
+                         f"started with --direction-scale {cfg.direction_scale}") from None
 
 
 def versions(engine: str = "ort") -> dict[str, str]:
