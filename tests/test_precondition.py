@@ -23,6 +23,11 @@ def test_scaled_directions_add_each_buffers_own_multiple_of_z():
     ScaledDirections(d, [0.5, 2.0, 1.5]).add(out, 11, 2.0)  # one scale for every buffer
     for o, zb, f in zip(out, z, (1.0, 4.0, 3.0)):
         np.testing.assert_array_equal(o, np.float32(f) * zb)
+    per = [np.linspace(0.5, 1.5, 5, dtype=np.float32), np.full((3, 4), 2.0, np.float32), np.float32(1.5)]
+    out = [np.zeros(s, np.float32) for s in shapes]
+    ScaledDirections(d, [per[0], per[1], 1.5]).add(out, 11, [1.0, -3.0, 0.25])  # per coordinate
+    for o, zb, s, f in zip(out, z, per, (1.0, -3.0, 0.25)):
+        np.testing.assert_allclose(o, zb * s * f, rtol=1e-6)
     with pytest.raises(ValueError, match="2 buffers for 3 direction scales"):
         ScaledDirections(d, [0.5, 2.0, 1.5]).add(out[:2], 11, 1.0)
 
