@@ -128,7 +128,8 @@ def prepare(cfg: RunConfig, task: Task, say=print, recorded: dict[str, Any] | No
 
 def recorded_scales(cfg: RunConfig, recorded: dict[str, Any] | None) -> dict[str, Scale] | None:
     """The direction scales a run recorded at its start (None: unscaled directions; a number per
-    parameter, or a list per coordinate), checked against the parameters it trains."""
+    parameter, or a list per coordinate). A scaled run without readable scales is refused, so
+    it never replays unscaled; the engine refuses scales that miss a parameter it trains."""
     if recorded is None:
         return None
     scales = recorded.get(SCALES_KEY)
