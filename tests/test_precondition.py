@@ -1,7 +1,10 @@
-"""The fixed per-tensor scale of the directions (optim/precondition.py): the factors against the
-test's own arithmetic, and the scaled MeZO step against SPSA computed by hand on a quadratic
-whose gradient is known in closed form."""
+"""The fixed per-tensor scale of the directions (optim/precondition.py) and the shared-channel
+diagnostic (docs/ablation/shared_directions.py): the factors against the test's own arithmetic,
+and each MeZO step against SPSA computed by hand on a quadratic whose gradient is known."""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,11 +49,14 @@ def test_weight_rms_scales_square_to_the_rms_over_its_mean_with_a_floor():
     assert weight_rms_scales([np.zeros(3, np.float32)]) == [1.0]
 
 
-def test_a_scaled_step_is_spsa_along_the_scaled_direction_and_replays():
-    """On L(w) = 0.5 sum_b a_b |w_b|^2 + c.w the central difference is exact, so the projected
-    gradient must be u.grad L for u = S z, and the update -lr g u."""
+EPS, LR, SEED = 1e-2, 0.05, 1234
+
+
+def _step_on_quadratic(shapes, directions):
+    """One MeZO step through `directions` on L(w) = 0.5 sum_b a_b |w_b|^2 + c.w, whose central
+    difference is exact: (w0, the stepped buffers, the record, grad L(w0) in float64)."""
     rng = np.random.default_rng(0)
-    shapes, a, scales = [(6,), (2, 5)], [3.0, 0.5], [0.4, 1.7]
+    a = [3.0, 0.5][:len(shapes)]
     w0 = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     c = [rng.standard_normal(s) for s in shapes]
     buffers = [w.copy() for w in w0]
@@ -59,15 +65,24 @@ def test_a_scaled_step_is_spsa_along_the_scaled_direction_and_replays():
         return sum(0.5 * ab * float((b.astype(np.float64) ** 2).sum()) + float((cb * b).sum())
                    for ab, b, cb in zip(a, buffers, c))
 
-    d = Directions("rademacher-counter", threads=1)
-    eps, lr, seed = 1e-2, 0.05, 1234
-    r = mezo_step(buffers, loss, step=0, seed=seed, eps=eps, lr=lr, directions=ScaledDirections(d, scales))
-    u = [s * zb.astype(np.float64) for s, zb in zip(scales, d.sample(shapes, seed))]
-    grad = [ab * w.astype(np.float64) + cb for ab, w, cb in zip(a, w0, c)]
+    r = mezo_step(buffers, loss, step=0, seed=SEED, eps=EPS, lr=LR, directions=directions)
+    return w0, buffers, r, [ab * w.astype(np.float64) + cb for ab, w, cb in zip(a, w0, c)]
+
+
+def _assert_spsa_along(u, w0, buffers, r, grad):
+    """The projected gradient is u.grad L and the update -lr g u."""
     g = sum(float((ub * gb).sum()) for ub, gb in zip(u, grad))
     assert r.grads[0] == pytest.approx(g, rel=2e-4, abs=2e-4)
     for b, w, ub in zip(buffers, w0, u):
-        np.testing.assert_allclose(b, w - lr * r.grads[0] * ub, atol=2e-6)
+        np.testing.assert_allclose(b, w - LR * r.grads[0] * ub, atol=2e-6)
+
+
+def test_a_scaled_step_is_spsa_along_the_scaled_direction_and_replays():
+    shapes, scales = [(6,), (2, 5)], [0.4, 1.7]
+    d = Directions("rademacher-counter", threads=1)
+    w0, buffers, r, grad = _step_on_quadratic(shapes, ScaledDirections(d, scales))
+    _assert_spsa_along([s * zb.astype(np.float64) for s, zb in zip(scales, d.sample(shapes, SEED))],
+                       w0, buffers, r, grad)
     again = [w.copy() for w in w0]
     replay(again, [r], ScaledDirections(d, scales))
     for x, y in zip(again, buffers):
@@ -75,3 +90,16 @@ def test_a_scaled_step_is_spsa_along_the_scaled_direction_and_replays():
     unscaled = [w.copy() for w in w0]  # the same record without the scales lands elsewhere
     replay(unscaled, [r], d)
     assert not np.array_equal(unscaled[0], buffers[0])
+
+
+def test_the_shared_channel_diagnostic_steps_along_one_z_for_every_tensor():
+    """docs/ablation/shared_directions.py, whose runs the ablation doc quotes: u_b = z for all b."""
+    spec = importlib.util.spec_from_file_location(
+        "shared_directions", Path(__file__).resolve().parents[1] / "docs/ablation/shared_directions.py")
+    shared = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared)
+    shapes = [(6,), (6,)]
+    d = Directions("rademacher-counter", threads=1)
+    w0, buffers, r, grad = _step_on_quadratic(shapes, shared.SharedDirections(d))
+    z = d.sample([(6,)], SEED)[0].astype(np.float64)
+    _assert_spsa_along([z, z], w0, buffers, r, grad)
