@@ -247,8 +247,25 @@ def test_named_templates_of_the_built_in_tasks():
         for name in named:
             t = load_task(task, name)
             assert len(t.label_words) == len(BUILTIN[task].label_words) and set(t.fields) == set(BUILTIN[task].fields)
-    with pytest.raises(OrtzoError, match="task sst2 has no template 'poem'; its templates: review, mezo"):
+    with pytest.raises(OrtzoError, match="task sst2 has no template 'poem'; its templates: review, mezo, review-demos"):
         load_task("sst2", "poem")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="needs ../shared/data")
+def test_the_demonstrations_are_training_sentences_with_their_labels():
+    demos = load_task("sst2", "review-demos")
+    row = {"sentence": " a charming journey . "}
+    prompt = demos.prompt(row)
+    assert prompt.endswith("\n\n" + load_task("sst2", "review").prompt(row))  # the review prompt, after the demos
+    shown = re.findall(r"Review: (.*)\nSentiment: (negative|positive)\n\n", prompt)
+    assert len(shown) == 2 and [word for _, word in shown] == ["negative", "positive"]
+    rows = {}
+    for split in ("train", "validation"):
+        for line in (SHARED_DATA / "sst2" / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            rows.setdefault(r["sentence"].strip(), set()).add((split, r["label"]))
+    # from the training split (never validation), each under its own gold label
+    assert [rows[s] for s, _ in shown] == [{("train", 0)}, {("train", 1)}]
 
 
 def test_a_run_records_and_reuses_its_template(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
