@@ -14,8 +14,9 @@ import random
 import sys
 from pathlib import Path
 
-REVIEW = "Review: {sentence}\nSentiment:"
-WORDS = {0: " negative", 1: " positive"}
+from ortzo.tasks.task import TEMPLATES
+
+REVIEW, WORDS = TEMPLATES["sst2"]["review"]  # label 0, 1
 
 
 def draw(rows: list[dict], k: int) -> tuple[dict, dict]:
@@ -40,7 +41,7 @@ def main(data: str, out: str, draws: int) -> None:
             # a JSON string is a valid TOML basic string
             path.write_text(f"# SST-2 prompt with demonstrations, draw {k} (docs/ablation/demo_candidates.py)\n"
                             f'name = "sst2"\ntemplate = {json.dumps(prompt(demos))}\n'
-                            'label_words = [" negative", " positive"]\ntruncate_field = "sentence"\n')
+                            f'label_words = {json.dumps(list(WORDS))}\ntruncate_field = "sentence"\n')
             print(path)
 
 

@@ -69,13 +69,14 @@ BUILTIN = {
 }
 
 # Other prompts of the built-in tasks, with their label words ("mezo" is MeZO's own, above).
+REVIEW = "Review: {sentence}\nSentiment:"
+# two demonstrations in context (LM-BFF, Gao et al., ACL 2021): training sentences, negative first,
+# picked by their loss on other training rows (docs/ablation/demo_candidates.py; docs/ablation-sst2.md)
+DEMOS = ("Review: distanced us from the characters\nSentiment: negative\n\n"
+         "Review: is a movie full of grace\nSentiment: positive\n\n")
 TEMPLATES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
-    "sst2": {"review": ("Review: {sentence}\nSentiment:", (" negative", " positive")),
-             # two demonstrations in context (LM-BFF, Gao et al., ACL 2021): drawn from the training
-             # split, negative first (docs/ablation-sst2.md, "Demonstrations in the prompt")
-             "review-demos": ("Review: distanced us from the characters\nSentiment: negative\n\n"
-                              "Review: is a movie full of grace\nSentiment: positive\n\n"
-                              "Review: {sentence}\nSentiment:", (" negative", " positive"))},
+    "sst2": {"review": (REVIEW, (" negative", " positive")),
+             "review-demos": (DEMOS + REVIEW, (" negative", " positive"))},
     "sst5": {"review": ("Review: {sentence}\nRating:", (" terrible", " bad", " okay", " good", " great"))},
     "rte": {"qa": ("{premise}\nQuestion: {hypothesis} True or False?\nAnswer:", (" True", " False"))},
     "boolq": {"passage": ("Passage: {passage}\nQuestion: {question}?\nAnswer (yes or no):", (" no", " yes"))},
