@@ -125,8 +125,8 @@ class RunConfig(Settings):
     model: str = setting(..., "trainable model folder (from `ortzo export`)")
     task: str = setting(..., "built-in task (sst2, sst5, rte, boolq) or a task .toml spec")
     template: str | None = setting(None, "a built-in task's named prompt: mezo (MeZO's own) or sst2 and sst5: "
-                                   "review; rte: qa; boolq: passage; default: the best measured (sst2, sst5: "
-                                   "review; rte: qa; boolq: mezo)")
+                                   "review; sst2: review-demos; rte: qa; boolq: passage; default: the best measured "
+                                   "(sst2: review-demos; sst5: review; rte: qa; boolq: mezo)")
     data: str | None = setting(None, f"folder of <split>.jsonl files, or {HUB}NAME[:CONFIG] for a datasets hub "
                                "name; default: the spec's data, $ORTZO_DATA/<task>, the task's hub dataset")
     train_split: str | None = setting(None, "split to train on: a name (reads <name>.jsonl) or a .jsonl file; "

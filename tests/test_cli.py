@@ -64,7 +64,9 @@ def test_finetune_writes_a_run_that_accounts_for_itself(tiny_model, tiny_data, t
     assert cfg["recorded"]["model_weights_sha256"] == manifest.weights_sha256
     assert cfg["recorded"]["versions"]["numpy"] == np.__version__ and "ortzo" in cfg["recorded"]["versions"]
     assert cfg["schedule_steps"] == 12
-    assert cfg["recorded"]["task"]["template"] == "Review: {sentence}\nSentiment:"  # sst2's default prompt
+    assert cfg["recorded"]["task"]["template"] == (  # sst2's default prompt: two demonstrations, then the review
+        "Review: distanced us from the characters\nSentiment: negative\n\n"
+        "Review: is a movie full of grace\nSentiment: positive\n\nReview: {sentence}\nSentiment:")
 
 
 def test_eval_of_a_run_measures_the_runs_own_evaluation_set(tiny_model, tiny_data, tmp_path, capsys):
