@@ -240,7 +240,8 @@ def test_named_templates_of_the_built_in_tasks():
     review = load_task("sst2", "review")
     assert review.prompt({"sentence": " a charming journey . "}) == "Review: a charming journey .\nSentiment:"
     assert review.label_words == (" negative", " positive") and review.template_name == "review"
-    assert load_task("sst2", "mezo") == BUILTIN["sst2"] and load_task("sst2") == load_task("sst2", "review-demos")  # the default: measured best
+    assert load_task("sst2", "mezo") == BUILTIN["sst2"]
+    assert load_task("sst2") == load_task("sst2", "review-demos")  # the default: measured best
     assert [load_task(t).template_name for t in ("sst5", "rte", "boolq")] == ["review", "qa", "mezo"]
     for task, named in TEMPLATES.items():
         assert templates(task)[0] == load_task(task).template_name and set(templates(task)) == {"mezo", *named}

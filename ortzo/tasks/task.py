@@ -84,7 +84,8 @@ TEMPLATES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 
 # The prompt each built-in task uses when none is named: the best measured after fine-tuning
 # (docs/ablation-sst2.md; SST-2's demonstrations: 0.860 at 30 minutes against review's 0.821, at
-# the same memory as inference on the same batches). BoolQ keeps MeZO's: its other prompt scored lower.
+# the same memory as inference on the same batches). BoolQ keeps MeZO's: its other prompt scored
+# lower.
 DEFAULTS = {"sst2": "review-demos", "sst5": "review", "rte": "qa", "boolq": "mezo"}
 
 SPEC_KEYS = ("name", "template", "label_words", "label_field", "truncate_field", "data", "train_split", "eval_split")
