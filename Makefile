@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,10 @@ ablation-sst2: setup $(MODEL)/manifest.json
 # 3 seeds x ~10 min each, ~1.6 h; measured in docs/ablation-sst2.md); resumes.
 tasks-smollm2: setup $(MODEL)/manifest.json
 	$(VENV)/bin/ortzo compare configs/tasks-smollm2.toml --out runs/tasks-smollm2
+
+# Issue 8's BoolQ target at 30 minutes (configs/boolq-smollm2.toml: 3 seeds x ~30 min, ~1.5 h); resumes.
+boolq-smollm2: setup $(MODEL)/manifest.json
+	$(VENV)/bin/ortzo compare configs/boolq-smollm2.toml --out runs/boolq-smollm2
 
 # The accuracy run of the README: 1000 steps; run again after an interruption, it resumes.
 accuracy: setup $(MODEL)/manifest.json

@@ -1,8 +1,9 @@
 """Inference's peak RSS on a run's own inputs, to set beside the run's peak: the same
 evaluation a run starts with (every evaluation row, sorted by length), then one forward on each
 of the first STEPS training batches the run draws (the same seed, so the same rows and shapes),
-through a plain inference session: nothing perturbed, nothing trained. The run's metrics give
-its peak RSS at each evaluation; the ratio of the two is the fine-tuning cost in memory.
+then the evaluation again, as a run ends: the same inputs in the same order, through a plain
+inference session, nothing perturbed, nothing trained. The run's metrics give its peak RSS at
+each evaluation; the ratio of the two is the fine-tuning cost in memory.
 
 usage: python docs/ablation/inference_peak.py CONFIG STEPS   (CONFIG: a finetune --config file)
 """
@@ -29,6 +30,9 @@ for step in tqdm(range(steps), desc="training batches, forward only"):
     batch = setup.train_batch(step)
     session(batch.feeds)
     longest = max(longest, batch.feeds["input_ids"].shape[1])
+after_batches = peak_rss_mib()
+evaluate(session, setup.encoder, setup.splits.eval, cfg.eval_batch_size, desc="evaluation again")
 print(json.dumps({"config": config, "seed": cfg.seed, "template": cfg.template, "eval_accuracy": scores["accuracy"],
                   "peak_rss_mib_after_eval": round(after_eval, 1), "train_batches": steps,
+                  "peak_rss_mib_after_batches": round(after_batches, 1),
                   "longest_train_batch": longest, "peak_rss_mib": round(peak_rss_mib(), 1)}))

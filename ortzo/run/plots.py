@@ -1,6 +1,7 @@
 """Accuracy-vs-steps and accuracy-vs-time curves, as PNG."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from ..files import atomic_open
@@ -63,7 +64,7 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("eval accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 100), fontsize=10)  # a spec's title can outrun the figure
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
