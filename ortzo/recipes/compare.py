@@ -62,7 +62,7 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
     with atomic_open(out / "summary.csv", "w") as f:
         f.write(_csv(summary, tuple(summary[0])))
     plot_compare(rows, out / "curves.png", title=f"{spec.title}: memory budget {spec.memory_budget}, "
-                 f"{spec.time_budget / 60:.3g} min of steps per run")
+                 f"{round(spec.time_budget / 60, 1):g} min of steps per run")
     for s in summary:
         print(" ".join(f"{k}={v}" for k, v in s.items()))
     print(f"wrote {out / 'curves.csv'}, {out / 'summary.csv'}, {out / 'curves.png'}")
