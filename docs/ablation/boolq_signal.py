@@ -29,8 +29,8 @@ session = ScoringSession(setup.model_dir, setup.load_store(), setup.target)
 
 def margins(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """log p(yes) - log p(no), renormalised over the two words, and the labels (1: yes)."""
-    s = candidate_log_softmax(label_scores(session, setup.encoder, rows, 32, desc="score"))
-    return s[:, 1] - s[:, 0], np.array([r["label"] for r in rows])
+    s = candidate_log_softmax(label_scores(session, setup.encoder, rows, cfg.eval_batch_size, desc="score"))
+    return s[:, 1] - s[:, 0], np.array([r[setup.task.label_field] for r in rows])
 
 
 def auc(m: np.ndarray, y: np.ndarray) -> float:
@@ -41,8 +41,9 @@ def auc(m: np.ndarray, y: np.ndarray) -> float:
 
 train, y_train = margins(setup.splits.train[:n])
 held, y_held = margins(setup.splits.eval)
-fit = [((train > t) == y_train).mean() for t in np.sort(train)]
-bias = np.sort(train)[int(np.argmax(fit))]
+candidates = np.sort(train)
+fit = [((train > t) == y_train).mean() for t in candidates]
+bias = candidates[int(np.argmax(fit))]
 print(json.dumps({"model": model, "template": template, "max_length": max_length,
                   "auc_train": auc(train, y_train), "auc_eval": auc(held, y_held),
                   "eval_majority": float(max(y_held.mean(), 1 - y_held.mean())),
