@@ -187,16 +187,20 @@ def test_torch_mezo_step_is_the_reference_arithmetic(tiny_hf, tiny_model, tiny_d
                                    atol=2e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("engine, extra", [("torch-bp", ["--optimizer", "adamw", "--checkpoint-fraction", "0.5"]),
-                                           ("torch-mezo", ["--lr", "1e-3"])])
-def test_a_torch_run_resumes_to_the_uninterrupted_weights(tiny_model, tiny_data, tmp_path, engine, extra):
+@pytest.mark.parametrize("engine, extra, update", [
+    ("torch-bp", ["--optimizer", "adamw", "--checkpoint-fraction", "0.5"], "random), backprop with adamw, weight"),
+    ("torch-mezo", ["--lr", "1e-3"], "random), eps 0.001, mezo in PyTorch with 1 x gaussian direction, weight")])
+def test_a_torch_run_resumes_to_the_uninterrupted_weights(tiny_model, tiny_data, tmp_path, engine, extra, update,
+                                                          capsys):
     """Killed after logging step 6 and before its checkpoint: the resume opens checkpoint 4
-    (weights and, for backprop, optimizer state) and recomputes or replays steps 4 and 5."""
+    (weights and, for backprop, optimizer state) and recomputes or replays steps 4 and 5. The
+    recipe line names the update the engine makes (a backprop run has no eps, clip or directions)."""
     args = ["finetune", str(tiny_model), "--data", str(tiny_data), "--task", "sst2", "--engine", engine,
             "--batch-size", "8", "--train-examples", "48", "--eval-every", "3", "--checkpoint-every", "2",
             "--lr", "1e-3", *extra]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(args + ["--out", str(whole), "--steps", "7"]) == 0
+    assert update in capsys.readouterr().out
     assert main(args + ["--out", str(parts), "--steps", "6"]) == 0
     shutil.rmtree(parts / "checkpoints" / "step-0000006")
     assert main(["finetune", "--resume", "--out", str(parts), "--steps", "7"]) == 0

@@ -4,32 +4,32 @@ run is set by how well the zero-shot yes-minus-no margin ranks the answers. This
 ranking's AUC (0.5: no signal) on N training rows and on the run's 300 held-out questions, and
 the held-out accuracy of the best bias: fitted on the training rows (what training a bias could
 reach) and the best possible on the held-out rows themselves (an oracle, an upper bound).
+Given a run folder (and a step) instead of a model folder, it asks the same of the trained
+weights: did training teach a ranking, or only a bias?
 
-usage: python docs/ablation/boolq_signal.py TEMPLATE MAX_LENGTH N [MODEL]
+usage: python docs/ablation/boolq_signal.py TEMPLATE MAX_LENGTH N [MODEL_OR_RUN [STEP]]
 """
 import json
 import sys
 
 import numpy as np
 
-from ortzo.config import RunConfig
-from ortzo.model.session import ScoringSession
-from ortzo.recipes.setup import prepare
+from ortzo.config import EvalOptions
+from ortzo.recipes.evaluate import open_weights
 from ortzo.tasks.objective import candidate_log_softmax, label_scores
-from ortzo.tasks.task import load_task
 
 template, max_length, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = sys.argv[4] if len(sys.argv) > 4 else "models/smollm2-135m"
-cfg = RunConfig.build({"model": model, "task": "boolq", "template": template, "data": "../shared/data/boolq",
-                       "max_length": max_length, "eval_examples": 300, "eval_batch_size": 32,
-                       "train_examples": 1000, "seed": 0}).resolved()
-setup = prepare(cfg, load_task(cfg.task, cfg.template))
-session = ScoringSession(setup.model_dir, setup.load_store(), setup.target)
+step = int(sys.argv[5]) if len(sys.argv) > 5 else None
+setup, engine, steps = open_weights(EvalOptions.build({
+    "path": model, "task": "boolq", "template": template, "data": "../shared/data/boolq", "max_length": max_length,
+    "eval_examples": 300, "eval_batch_size": 32, "seed": 0, "step": step}))
+cfg = setup.cfg
 
 
 def margins(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """log p(yes) - log p(no), renormalised over the two words, and the labels (1: yes)."""
-    s = candidate_log_softmax(label_scores(session, setup.encoder, rows, cfg.eval_batch_size, desc="score"))
+    s = candidate_log_softmax(label_scores(engine.score, setup.encoder, rows, cfg.eval_batch_size, desc="score"))
     return s[:, 1] - s[:, 0], np.array([r[setup.task.label_field] for r in rows])
 
 
@@ -44,9 +44,9 @@ held, y_held = margins(setup.splits.eval)
 candidates = np.sort(train)
 fit = [((train > t) == y_train).mean() for t in candidates]
 bias = candidates[int(np.argmax(fit))]
-print(json.dumps({"model": model, "template": template, "max_length": max_length,
+print(json.dumps({"model": model, "steps": steps, "template": template, "max_length": max_length,
                   "auc_train": auc(train, y_train), "auc_eval": auc(held, y_held),
                   "eval_majority": float(max(y_held.mean(), 1 - y_held.mean())),
-                  "eval_zero_shot": float(((held > 0) == y_held).mean()),
+                  "eval_accuracy": float(((held > 0) == y_held).mean()),  # the margin's sign: zero-shot for a model
                   "eval_fitted_threshold": float(((held > bias) == y_held).mean()), "train_best": float(max(fit)),
                   "eval_oracle_threshold": float(max(((held > u) == y_held).mean() for u in np.sort(held)))}))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RECORDED, EvalOptions, RunConfig
-from ..engines.base import record_type
+from ..engines.base import Engine, record_type
 from ..errors import OrtzoError
 from ..model.manifest import MANIFEST
 from ..optim import steplog
@@ -18,10 +18,12 @@ from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..tasks.objective import calibration, evaluate
 from ..tasks.task import Task, load_task
-from .setup import prepare, stderr
+from .setup import Setup, prepare, stderr
 
 
-def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
+def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
+    """The setup `opts` ask for and an engine holding the weights to score: a model folder's
+    as exported (step 0), or a run's after `opts.step` steps (default: all logged)."""
     path, run = Path(opts.path), RunFolder(opts.path)
     chosen = {k: v for k, v in opts.model_dump().items() if v is not None and k in RunConfig.model_fields}
     if (path / MANIFEST).is_file():
@@ -46,7 +48,12 @@ def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
         engine = checkpoint.restore(run.path, log.records, steps, setup.load_store, setup.engine)
     else:
         raise OrtzoError(f"{path} is neither a trainable model folder nor a finetune run folder")
-    offset = None
+    return setup, engine, steps
+
+
+def evaluate_path(opts: EvalOptions) -> dict[str, Any]:
+    setup, engine, steps = open_weights(opts)
+    cfg, offset = setup.cfg, None
     if opts.calibrate:
         if opts.calibrate > len(setup.splits.train):
             raise OrtzoError(f"--calibrate {opts.calibrate}: the training sample has "

@@ -102,13 +102,9 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
           f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
     t = setup.task
     print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
-          f"lr {cfg.lr:g} ({_schedule(cfg)}), "
-          f"eps {cfg.eps:g}, batch {cfg.batch_size} "
+          f"lr {cfg.lr:g} ({_schedule(cfg)}), batch {cfg.batch_size} "
           f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
-          f"clip {cfg.clip}, "
-          f"{cfg.estimator} with {cfg.n_directions} x {cfg.directions} directions, weight decay {cfg.weight_decay:g}"
-          + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo")
-          + _scales(setup))
+          f"{_update(cfg)}, weight decay {cfg.weight_decay:g}" + _scales(setup))
 
     def save(step: int) -> None:
         checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
@@ -223,6 +219,16 @@ def _scales(setup: Setup) -> str:
         return ""
     s = np.concatenate([np.ravel(v) for v in setup.scales.values()])
     return f", directions scaled by {setup.cfg.direction_scale} ({s.min():.2f}-{s.max():.2f})"
+
+
+def _update(cfg: RunConfig) -> str:
+    """The update the engine makes, naming only the settings it uses (a backprop run has no eps)."""
+    if cfg.engine == "torch-bp":
+        return f"backprop with {cfg.optimizer}" + f" {cfg.momentum:g}" * (cfg.optimizer == "momentum")
+    if cfg.engine == "torch-mezo":
+        return f"eps {cfg.eps:g}, mezo in PyTorch with 1 x gaussian direction"
+    return (f"eps {cfg.eps:g}, clip {cfg.clip}, {cfg.estimator} with {cfg.n_directions} x {cfg.directions} "
+            "directions" + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo"))
 
 
 def _schedule(cfg: RunConfig) -> str:
