@@ -1,9 +1,10 @@
 """Does a model know anything about BoolQ before training? Fine-tuning for minutes can move a
 prompt's bias ("always No") but cannot teach reading comprehension, so the ceiling of a short
 run is set by how well the zero-shot yes-minus-no margin ranks the answers. This prints that
-ranking's AUC (0.5: no signal) on N training rows and on the run's 300 held-out questions, and
-the held-out accuracy of the best bias: fitted on the training rows (what training a bias could
-reach) and the best possible on the held-out rows themselves (an oracle, an upper bound).
+ranking's AUC (0.5: no signal) on N training rows and on a run's 300 held-out questions (seed
+0's for a model folder), and the held-out accuracy of the best bias: fitted on the training rows
+(what training a bias could reach) and the best possible on the held-out rows themselves (an
+oracle, an upper bound).
 Given a run folder (and a step) instead of a model folder, it asks the same of the trained
 weights: did training teach a ranking, or only a bias?
 
@@ -23,7 +24,7 @@ model = sys.argv[4] if len(sys.argv) > 4 else "models/smollm2-135m"
 step = int(sys.argv[5]) if len(sys.argv) > 5 else None
 setup, engine, steps = open_weights(EvalOptions.build({
     "path": model, "task": "boolq", "template": template, "data": "../shared/data/boolq", "max_length": max_length,
-    "eval_examples": 300, "eval_batch_size": 32, "seed": 0, "step": step}))
+    "eval_examples": 300, "eval_batch_size": 32, "step": step}))  # seed: a run's own, else 0
 cfg = setup.cfg
 
 
