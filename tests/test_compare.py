@@ -169,3 +169,19 @@ def test_killing_compare_stops_its_run(tiny_model, tiny_data, tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
+
+
+def test_the_plotted_band_holds_each_seeds_accuracy_between_its_evaluations():
+    """Two seeds evaluated at different seconds: at each minute the curve is the mean of the
+    accuracies each seed last measured, the band their lowest and highest, up to where the
+    shorter run ends. Values worked by hand."""
+    from ortzo.run.plots import seed_band
+
+    a = [{"train_seconds": s, "eval_accuracy": acc} for s, acc in ((0, 0.5), (60, 0.7), (150, 0.8))]
+    b = [{"train_seconds": s, "eval_accuracy": acc} for s, acc in ((0, 0.4), (90, 0.9), (120, 0.6))]
+    grid, mean, low, high = seed_band([a, b], points=5)  # minutes 0, 0.5, 1, 1.5, 2: b ends at 2
+    assert grid.tolist() == [0, 0.5, 1, 1.5, 2]
+    # a holds 0.5, 0.5, 0.7 (from minute 1), 0.7, 0.7; b holds 0.4, 0.4, 0.4, 0.9 (from 1.5), 0.6 (at 2)
+    assert mean == pytest.approx([0.45, 0.45, 0.55, 0.8, 0.65])
+    assert low == pytest.approx([0.4, 0.4, 0.4, 0.7, 0.6])
+    assert high == pytest.approx([0.5, 0.5, 0.7, 0.9, 0.7])

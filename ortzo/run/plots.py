@@ -4,6 +4,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
+
 from ..files import atomic_open
 
 
@@ -42,25 +44,17 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
         seeds = {s: [r for r in mine if r["seed"] == s] for s in dict.fromkeys(r["seed"] for r in mine)}
-        end = min(run[-1]["train_seconds"] for run in seeds.values()) / 60
-        grid = np.linspace(0, end, 200)
-        curves = []
-        for run in seeds.values():
-            t = np.array([r["train_seconds"] for r in run]) / 60
-            acc = np.array([r["eval_accuracy"] for r in run])
-            curves.append(acc[np.searchsorted(t, grid, side="right") - 1])
-        curves = np.array(curves)
+        grid, mean, low, high = seed_band(list(seeds.values()))
         over = any(r["over_budget"] for r in mine)
         how_many = f"{len(seeds)} seed" + "s" * (len(seeds) != 1)
         label = f"{arm}: {mine[0]['model']} ({mine[0]['engine']}, {how_many})" + (" OVER BUDGET" if over else "")
-        line, = ax.plot(grid, curves.mean(0), linestyle="--" if over else "-", label=label)
-        ax.fill_between(grid, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+        line, = ax.plot(grid, mean, linestyle="--" if over else "-", label=label)
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("minutes of training steps (evaluations excluded)")
     ax.set_ylabel("eval accuracy")
     ax.grid(alpha=0.3)
@@ -70,3 +64,17 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+
+
+def seed_band(runs: list[list[dict]], points: int = 200) -> tuple[np.ndarray, ...]:
+    """Minutes of steps (up to where the shortest run ends) and, at each, the mean, lowest and
+    highest accuracy over the runs, each run's accuracy held from one evaluation to the next:
+    runs evaluate at different seconds, so their rows cannot be averaged row by row."""
+    grid = np.linspace(0, min(run[-1]["train_seconds"] for run in runs) / 60, points)
+    held = []
+    for run in runs:
+        minutes = np.array([r["train_seconds"] for r in run]) / 60
+        acc = np.array([r["eval_accuracy"] for r in run])
+        held.append(acc[np.searchsorted(minutes, grid, side="right") - 1])
+    held = np.array(held)
+    return grid, held.mean(0), held.min(0), held.max(0)
