@@ -1,4 +1,4 @@
-"""`ortzo export | prepare | mobile | placement | finetune | eval | bake | compare | bench | bench-export`
+"""`ortzo export | prepare | mobile | placement | finetune | eval | bake | adapter | compare | bench | bench-export`
 (and `memory`, `targets`).
 
 Options come from the settings models in `config`. Every problem a user can cause (a bad
@@ -41,11 +41,17 @@ def _fail(message: str) -> int:
 def _export(a: argparse.Namespace) -> None:
     from .model.export import export_model
 
+    from .model.lora import LoraSpec
+    from .model.quantize import QuantSpec
+
     o = ExportOptions.build(config.given(a, ExportOptions))
+    quant = QuantSpec.named(o.quantize, o.block_size, o.symmetric, o.accuracy_level)
+    lora = LoraSpec.parse(o.lora) if o.lora is not None else None
     m = export_model(o.model, o.out, opset=o.opset, force=o.force, dtype=o.dtype, verbose=o.verbose,
-                     graph_format=o.format)
-    print(f"wrote {o.out}: {len(m.parameters)} parameters, {sum(p.size for p in m.parameters):,} weights, "
-          f"{m.weights_bytes / 2**20:.1f} MiB")
+                     graph_format=o.format, quant=quant, lora=lora)
+    base = f"; frozen base {m.base['quantize']}, {m.base['data_bytes'] / 2**20:.1f} MiB" if m.base else ""
+    print(f"wrote {o.out}: {len(m.parameters)} trainable parameters, {sum(p.size for p in m.parameters):,} weights, "
+          f"{m.weights_bytes / 2**20:.1f} MiB{base}")
 
 
 def _mobile(a: argparse.Namespace) -> None:
@@ -106,6 +112,15 @@ def _bake(a: argparse.Namespace) -> None:
     print(f"wrote {o.out}: {size / 2**20:.1f} MiB (ORTModelForCausalLM.from_pretrained(out, use_cache=False))")
 
 
+def _adapter(a: argparse.Namespace) -> None:
+    from .recipes.adapter import adapter
+
+    o = config.AdapterOptions.build(config.given(a, config.AdapterOptions))
+    r = adapter(o.path, o.out, step=o.step, say=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {o.out}: {r['tensors']} tensors, {r['weights']:,} weights, {r['bytes'] / 1024:.1f} KiB, "
+          f"for the base in {r['base']}")
+
+
 def _compare(a: argparse.Namespace) -> None:
     from .recipes.compare import compare
 
@@ -122,7 +137,7 @@ def _compare(a: argparse.Namespace) -> None:
 
 
 def _bench(a: argparse.Namespace) -> None:
-    from .recipes.bench import bench_engines, bench_formats, bench_memory, bench_step
+    from .recipes.bench import bench_bases, bench_engines, bench_formats, bench_memory, bench_step
 
     o = BenchOptions.build(config.given(a, BenchOptions))
     if o.out and not o.memory_shapes:
@@ -135,6 +150,8 @@ def _bench(a: argparse.Namespace) -> None:
         bench_formats(Path(o.model), o.batch_size, o.seq_len, o.repeats, o.target, list(o.formats))
     if o.memory_shapes:
         bench_memory(Path(o.model), list(o.memory_shapes), o.target, Path(o.out) if o.out else None)
+    if o.bases:
+        bench_bases(Path(o.model), [Path(b) for b in o.bases], o.batch_size, o.seq_len, o.repeats)
 
 
 def _bench_export(a: argparse.Namespace) -> None:
@@ -207,6 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     k = command("bake", "a model folder or a run's weights as a standard ONNX model for onnxruntime and Optimum",
                 _bake)
     config.add_options(k, config.BakeOptions, positional=("path",))
+
+    ad = command("adapter", "a run's trained tensors over a frozen base as an ONNX Runtime adapter (.onnx_adapter)",
+                 _adapter)
+    config.add_options(ad, config.AdapterOptions, positional=("path",))
 
     c = command("compare", "the same-budget experiment: arms x seeds for a time budget, curves as CSV and PNG",
                 _compare)

@@ -298,6 +298,8 @@ class EvalOptions(Settings):
                                     "log-probs of N training rows (labels unused) subtracted before the argmax",
                                     ge=1)
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
+    adapter: str | None = setting(None, "an .onnx_adapter (ortzo adapter) applied over the model folder's frozen "
+                                        "base before scoring")
 
 
 class ExportOptions(Settings):
@@ -310,6 +312,16 @@ class ExportOptions(Settings):
     format: Literal["onnx", "ort"] = setting("onnx", "graph formats to write: onnx, or ort to add the graph in ORT "
                                              "format (model.ort and its required_operators.config, for mobile "
                                              "targets) as `ortzo mobile` does")
+    quantize: Literal["none", "int4", "int8"] = setting(
+        "none", "a frozen base: the matrices become int4 or int8 constants (ORT's MatMulNBits) and only the vectors "
+        "(and --lora's A and B) stay trainable inputs")
+    block_size: int = setting(32, "with --quantize: rows of a column that share one scale (a power of 2, 16-256)",
+                              ge=16, le=256)
+    symmetric: bool = setting(False, "with --quantize: no zero points (less exact, a little smaller)")
+    accuracy_level: int = setting(0, "with --quantize: MatMulNBits' accuracy_level (0: fp32 compute; 4: int8 "
+                                     "activations, faster where the CPU has int8 dot products)", ge=0, le=4)
+    lora: str | None = setting(None, "add LoRA beside the frozen matrices, e.g. r=8,alpha=16,targets=*q_proj,*v_proj "
+                                     "(module globs); makes the base frozen like --quantize")
 
 
 class MobileOptions(Settings):
@@ -342,6 +354,14 @@ class BakeOptions(Settings):
     force: bool = setting(False, "replace a non-empty --out")
 
 
+class AdapterOptions(Settings):
+    """`ortzo adapter`: a run's trained tensors over a frozen base as an ONNX Runtime adapter."""
+
+    path: str = setting(..., "a finetune run folder over a frozen base (or such a model folder: its own tensors)")
+    out: str = setting(..., "the adapter file to write (.onnx_adapter)")
+    step: int | None = setting(None, "the run's tensors after this many steps; default: all logged steps", ge=0)
+
+
 class BenchOptions(Settings):
     model: str = setting(..., "trainable model folder")
     batch_size: int = setting(8, "batch rows", ge=1)
@@ -358,6 +378,9 @@ class BenchOptions(Settings):
         [], "also measure peak RSS of a MeZO step and of inference alone at each BATCHxSEQ shape (e.g. 1x64 4x128), "
         "under --provider, one child process each", flags=("--memory",))
     out: str | None = setting(None, "--memory: also write the rows to this .jsonl file")
+    bases: list[str] = setting([], "also compare other folders of the same model (frozen int4/int8 bases, say) with "
+                                   "it: forward time interleaved in one process (3 processes), peak RSS of inference "
+                                   "and of the default recipe's steps, one process each")
 
 
 class BenchExportOptions(Settings):

@@ -8,11 +8,9 @@
     tokenizer.json          the folder's tokenizer, adding the start token exactly when ortzo
     tokenizer_config.json   does; with the special tokens AutoTokenizer needs
 
-The weights always go to the external data file, whatever the model's size: one code path
-for every model (a graph with its weights inside cannot pass protobuf's 2 GB, and a size
-threshold would leave that path untested by small models), written one tensor at a time (no
-second copy of all weights in memory), large tensors aligned so ORT can memory-map them, and
-laid out as Optimum expects (`<file>_data`). The model is built beside `out` and renamed into
+The weights always go to the external data file (model/external.py), whatever the model's
+size: one code path for every model (a size threshold would leave that path untested by small
+models), laid out as Optimum expects (`<file>_data`). The model is built beside `out` and renamed into
 place; nothing it reads is changed. Which weights (a folder's, a run's at some step) is the
 recipe's business (recipes/bake.py).
 """
@@ -27,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OrtzoError
 from ..files import TMP_SUFFIX, atomic_open, fsync_dir, write_json
 from .logits import logits_graph
-from .manifest import ALIGN, hf_config
+from .external import DataFile
+from .manifest import hf_config
 from .weights import WeightStore
 
 if TYPE_CHECKING:
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
 
 MODEL = "model.onnx"
 DATA = "model.onnx_data"
-MAP_ALIGN, MAP_THRESHOLD = 1 << 16, 1 << 20  # tensors of 1 MiB or more start on 64 KiB (every OS's mmap
-# granularity), so ORT can map them in place; smaller ones only at ALIGN (ORT's own writer aligns none)
 
 
 def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False,
@@ -56,7 +53,7 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX) as tmp:
         build = Path(tmp) / "baked"
         build.mkdir()
-        _write_model(graph, store, build)
+        _write_model(graph, store, folder, build)
         write_json(build / "config.json", config)
         write_json(build / "generation_config.json", _generation(config, manifest.tokenizer))
         if manifest.tokenizer:
@@ -70,27 +67,27 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
 
 
 
-def _write_model(graph: onnx.ModelProto, store: WeightStore, out: Path) -> None:
+def _write_model(graph: onnx.ModelProto, store: WeightStore, folder: Path, out: Path) -> None:
     """The graph with each weight input made an initializer whose data lies in DATA, in the
-    graph's layout (a PyTorch engine's store is flipped back on the way out)."""
-    from onnx import numpy_helper
-    from onnx.external_data_helper import set_external_data
+    graph's layout (a PyTorch engine's store is flipped back on the way out). A frozen base's
+    constants are copied into DATA one at a time; its trainable tensors' starting values give
+    way to the store's."""
+    from onnx import TensorProto, numpy_helper
 
     g = graph.graph
     inputs = [i for i in g.input if i.name not in store.arrays]
     del g.input[:]
     g.input.extend(inputs)
+    constants = [t for t in g.initializer if t.name not in store.arrays]
+    del g.initializer[:]
     with atomic_open(out / DATA, "wb") as f:
+        data = DataFile(f, DATA)
+        for t in constants:
+            external = t.data_location == TensorProto.EXTERNAL
+            g.initializer.append(data.add(t.name, numpy_helper.to_array(t, str(folder))) if external else t)
         for p in store.manifest.parameters:
             a = store.arrays[p.name]
-            t = numpy_helper.from_array(a.T if p.name in store.flipped else a, p.name)
-            align = MAP_ALIGN if len(t.raw_data) >= MAP_THRESHOLD else ALIGN
-            offset = -(-f.tell() // align) * align
-            f.write(b"\0" * (offset - f.tell()))
-            f.write(t.raw_data)
-            set_external_data(t, DATA, offset, len(t.raw_data))
-            t.ClearField("raw_data")
-            g.initializer.append(t)
+            g.initializer.append(data.add(p.name, a.T if p.name in store.flipped else a))
     with atomic_open(out / MODEL, "wb") as f:
         f.write(graph.SerializeToString())
 

@@ -33,7 +33,7 @@ def logits_graph(folder: str | Path) -> onnx.ModelProto:
     from onnx import TensorProto, helper
 
     path = Path(folder) / Manifest.load(folder).graph
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # a frozen base's data stays where it is
     g = model.graph
     try:
         head = lm_head(g)
@@ -56,7 +56,8 @@ def logits_graph(folder: str | Path) -> onnx.ModelProto:
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT,
                                                   [d.dim_param or d.dim_value for d in ids] + [vocab]))
-    onnx.checker.check_model(model)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer):
+        onnx.checker.check_model(model)  # (a frozen base's graph was checked by path when written)
     return model
 
 
@@ -73,12 +74,13 @@ def write_logits_graph(folder: str | Path) -> Manifest:
 
 
 def _vocab(g, head: LmHead) -> int:
-    """The vocabulary size, from the shape of the weight input the head reads (through its
-    fp32 cast in an fp16 folder)."""
+    """The vocabulary size, from the shape of the weight the head reads (through its fp32 cast
+    in an fp16 folder): a graph input, or a frozen base's initializer."""
     casts = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast"}
     name = casts.get(head.weight, head.weight)
-    dims = next(i for i in g.input if i.name == name).type.tensor_type.shape.dim
-    return dims[0 if head.transposed else 1].dim_value
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    dims = inputs.get(name) or next(list(t.dims) for t in g.initializer if t.name == name)
+    return dims[0 if head.transposed else 1]
 
 
 def _keep(items: Any, keep: Callable[[Any], bool]) -> None:

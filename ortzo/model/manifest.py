@@ -69,6 +69,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     ort_graph: str | None = None  # the graph in ORT format, for mobile targets (ortzo.model.mobile)
     logits_graph: str | None = None  # the full-logits graph, same weight inputs (ortzo.model.logits)
+    base: dict[str, Any] = field(default_factory=dict)  # a frozen base's constants (ortzo.model.frozen); empty: none
     format: str = FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -96,7 +97,7 @@ class Manifest:
                     inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]),
                     tokenizer=dict(d.get("tokenizer") or {}), tied=dict(d.get("tied", {})),
                     source=dict(d.get("source", {})), ort_graph=d.get("ort_graph"),
-                    logits_graph=d.get("logits_graph"))
+                    logits_graph=d.get("logits_graph"), base=dict(d.get("base") or {}))
         except OrtzoError:
             raise
         except (ValueError, KeyError, TypeError) as e:
@@ -105,6 +106,13 @@ class Manifest:
         for name in (m.graph, m.weights, *([m.tokenizer.get("file", "tokenizer.json")] if m.tokenizer else [])):
             if not (Path(folder) / name).is_file():
                 raise OrtzoError(f"model folder {folder} is missing {name}")
+        if m.base:
+            data = Path(folder) / str(m.base.get("data"))
+            if not data.is_file():
+                raise OrtzoError(f"model folder {folder} is missing {data.name}, its frozen base")
+            if data.stat().st_size != m.base.get("data_bytes"):
+                raise OrtzoError(f"{data} has {data.stat().st_size} bytes, the manifest says {m.base.get('data_bytes')}: "
+                                 "the frozen base is corrupt or not this folder's")
         if m.ort_graph and not (Path(folder) / m.ort_graph).is_file():
             raise OrtzoError(f"model folder {folder} is missing {m.ort_graph} (run `ortzo mobile {folder}`)")
         return m

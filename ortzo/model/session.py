@@ -28,8 +28,11 @@ class ScoringSession:
         target.check_available()
         m = store.manifest
         path = Path(folder) / (graph or graph_file(m, target))
+        options = target.session_options()
+        if m.base:  # its trained tensors are overridable initializers by design: ORT would warn about each
+            options.log_severity_level = max(options.log_severity_level, 3)
         try:
-            self.session = ort.InferenceSession(str(path), target.session_options(), providers=list(target.providers),
+            self.session = ort.InferenceSession(str(path), options, providers=list(target.providers),
                                                 provider_options=list(target.provider_options) or None)
         except Exception as e:  # ORT raises its own exception types for a bad graph
             raise OrtzoError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None

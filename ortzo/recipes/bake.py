@@ -34,27 +34,29 @@ def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool
     path, out = Path(path), Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:  # before a long replay
         raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
-    folder, store = weights_at(path, step, say)
+    folder, store, _ = weights_at(path, step, say)
     write_baked(folder, store, out, force, reads=(path,), say=say)
     return store.manifest
 
 
-def weights_at(path: Path, step: int | None = None, say: Callable[[str], None] = print) -> tuple[Path, WeightStore]:
-    """(the trainable folder, its weights) of a trainable folder, or of a run folder after
-    `step` steps (default: all logged), fp16 masters rounded in; a PyTorch engine leaves the
-    arrays in `store.flipped` in PyTorch's layout."""
+def weights_at(path: Path, step: int | None = None,
+               say: Callable[[str], None] = print) -> tuple[Path, WeightStore, list[str]]:
+    """(the trainable folder, its weights, the names a run trains) of a trainable folder (all
+    its names), or of a run folder after `step` steps (default: all logged), fp16 masters
+    rounded in; a PyTorch engine leaves the arrays in `store.flipped` in PyTorch's layout."""
     if (path / MANIFEST).is_file():
         if step is not None:
             raise OrtzoError("--step needs a run folder")
         manifest = Manifest.load(path)
-        return path, WeightStore.load(path, manifest)
+        return path, WeightStore.load(path, manifest), [p.name for p in manifest.parameters]
     run = RunFolder(path)
     if not run.holds_run():
         raise OrtzoError(f"{path} is neither a trainable model folder nor a finetune run folder")
     return _run_weights(run, step, say)
 
 
-def _run_weights(run: RunFolder, step: int | None, say: Callable[[str], None]) -> tuple[Path, WeightStore]:
+def _run_weights(run: RunFolder, step: int | None,
+                 say: Callable[[str], None]) -> tuple[Path, WeightStore, list[str]]:
     """The run's weights as `ortzo eval` restores them, on the CPU target (a CUDA run's
     directions are the same on the host) and, where the engine replays from the step log
     alone (MeZO), without its examples."""
@@ -79,6 +81,6 @@ def _run_weights(run: RunFolder, step: int | None, say: Callable[[str], None]) -
         say(note)
     store = checkpoint.restore(run.path, log.records, at, setup.load_store, setup.engine).store
     store.sync()
-    return setup.model_dir, store
+    return setup.model_dir, store, setup.trained(store)
 
 

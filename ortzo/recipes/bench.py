@@ -79,6 +79,31 @@ def bench_formats(model: Path, batch_size: int, seq_len: int, repeats: int, targ
         print(f"{f:<8} {times[f]:>7.3f} {times[f] / times[formats[0]]:>8.3f}")
 
 
+def bench_bases(model: Path, others: list[Path], batch_size: int, seq_len: int, repeats: int, runs: int = 3) -> None:
+    """Folders of one model side by side (a plain fp32 folder, then frozen int4/int8 bases, say):
+    forward seconds timed in turn in one process, `runs` processes (median and spread of their
+    medians); peak RSS of each folder's inference alone and of its default recipe's MeZO steps
+    (the vectors), each in a process of its own, on the same random batch."""
+    folders = [model, *others]
+    timed = [in_child("bases", model, batch_size, seq_len, repeats, *others) for _ in range(runs)]
+    print(f"batch {batch_size} x seq {seq_len}; forward: median of {runs} processes (each the median of {repeats} "
+          f"forwards, folders in turn) [min-max]; peak RSS: one process per cell")
+    print(f"{'folder':<28} {'base':<8} {'forward s':>22} {'vs ' + model.name:>20} {'inference MiB':>13} "
+          f"{'MeZO vectors MiB':>16} {'vs ' + model.name + ' inference':>28}")
+    first_infer = None
+    for folder in folders:
+        f = [t[str(folder)] for t in timed]
+        ratio = [t[str(folder)] / t[str(model)] for t in timed]
+        infer = in_child("forwards", folder, "cpu", batch_size, seq_len, 2)["peak_rss_mib"]
+        step = in_child("steps", folder, "ort", batch_size, seq_len, 2, json.dumps({"params": "vectors"}))["peak_rss_mib"]
+        first_infer = first_infer or infer
+        base = Manifest.load(folder).base.get("quantize", "none")
+        print(f"{folder.name:<28} {base if base != 'none' else 'plain':<8} "
+              f"{statistics.median(f):>9.4f} [{min(f):.4f}-{max(f):.4f}] "
+              f"{statistics.median(ratio):>7.3f} [{min(ratio):.3f}-{max(ratio):.3f}] {infer:>13.0f} {step:>16.0f} "
+              f"{step / first_infer:>28.3f}")
+
+
 def bench_memory(model: Path, shapes: list[str], target: str, out: Path | None = None) -> list[dict]:
     """Peak RSS of the MeZO loop (a warm-up step and one more, the ORT engine, every parameter
     trained) and of inference alone (forwards only), each in its own child process, at each

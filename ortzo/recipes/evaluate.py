@@ -12,6 +12,7 @@ from typing import Any
 from ..config import RECORDED, EvalOptions, RunConfig
 from ..engines.base import Engine, record_type
 from ..errors import OrtzoError
+from ..model.adapter import read_adapter
 from ..model.manifest import MANIFEST
 from ..optim import steplog
 from ..run import checkpoint
@@ -33,7 +34,13 @@ def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
             raise OrtzoError("--step needs a run folder")
         cfg = RunConfig.build({"model": str(path)} | chosen)
         setup = prepare(cfg, load_task(cfg.task, cfg.template), say=stderr)
-        engine, steps = setup.engine(setup.load_store()), 0
+        store = setup.load_store()
+        if opts.adapter is not None:
+            for name, value in read_adapter(opts.adapter, setup.manifest, path).items():
+                store.arrays[name][...] = value
+        engine, steps = setup.engine(store), 0
+    elif opts.adapter is not None:
+        raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")
     elif run.holds_run():
         saved = run.read_config()
         recorded = saved.pop(RECORDED)

@@ -47,13 +47,16 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> Ba
 
 
 def engine_on(model: Path, engine: str, batch: Batch, variant: Target | None = None, **settings: Any) -> Engine:
-    """An engine over all of `model`'s parameters, stepping on `batch` (at LR); `variant`: a
-    target that no file holds, in place of the settings' target."""
+    """An engine over all of `model`'s parameters (those `settings` choose, if they name
+    `params`), stepping on `batch` (at LR); `variant`: a target that no file holds, in place
+    of the settings' target."""
     cfg = RunConfig.build({"model": str(model), "task": "sst2", "engine": engine, "lr": LR} | settings)
     cfg = cfg.resolved()
     manifest = Manifest.load(model)
-    return open_engine(cfg, model, WeightStore.load(model, manifest), [p.name for p in manifest.parameters],
-                        variant or load_target(cfg.target), lambda _: batch)
+    store = WeightStore.load(model, manifest)
+    names = store.select(cfg.include, cfg.exclude, vectors=cfg.params == "vectors") if "params" in settings \
+        else [p.name for p in manifest.parameters]
+    return open_engine(cfg, model, store, names, variant or load_target(cfg.target), lambda _: batch)
 
 
 def steps(model: Path, engine: str, batch_size: int, seq_len: int, n: int, **settings: Any) -> dict[str, float]:
@@ -82,6 +85,22 @@ def forwards(model: Path, target: str, batch_size: int, seq_len: int, n: int) ->
         session(batch.feeds)
         times.append(time.perf_counter() - t)
     return {"forward_s": statistics.median(times), "peak_rss_mib": peak_rss_mib()}
+
+
+def forwards_in_turn(models: list[Path], batch_size: int, seq_len: int, n: int) -> dict[str, float]:
+    """Median forward seconds of each folder's scoring session (folders of one model: say fp32
+    and a frozen int4 base), timed in turn (A B A B ...) in this process on one batch."""
+    batch = random_batch(batch_size, seq_len, vocab_size(models[0]))
+    sessions = {str(m): ScoringSession(m, WeightStore.load(m, Manifest.load(m)), load_target("cpu")) for m in models}
+    for session in sessions.values():
+        session(batch.feeds)  # warm-up: ORT allocates its arenas on the first run
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(n):
+        for name, session in sessions.items():
+            t = time.perf_counter()
+            session(batch.feeds)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def interleaved(model: Path, engines: list[str], batch_size: int, seq_len: int, n: int) -> dict[str, float]:
@@ -145,6 +164,9 @@ if __name__ == "__main__":
     elif what == "forwards":
         target, b, s, n = rest
         result = forwards(Path(model), target, int(b), int(s), int(n))
+    elif what == "bases":
+        b, s, n, *others = rest
+        result = forwards_in_turn([Path(model), *map(Path, others)], int(b), int(s), int(n))
     elif what == "formats":
         target, b, s, n, *formats = rest
         result = graph_formats(Path(model), target, formats, int(b), int(s), int(n))

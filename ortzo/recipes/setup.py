@@ -55,6 +55,10 @@ class Setup:
 
     def engine(self, store: WeightStore, saved: Saved | None = None) -> Engine:
         """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
+        if self.manifest.base and self.cfg.engine != "ort":
+            raise OrtzoError(f"--engine {self.cfg.engine} rebuilds the PyTorch model from a plain folder; "
+                             f"{self.model_dir} has a frozen {self.manifest.base['quantize']} base (export it "
+                             "without --quantize and --lora for the PyTorch baselines)")
         try:
             return open_engine(self.cfg, self.model_dir, store, self.trained(store), self.target, self.train_batch,
                                saved, self.scales)
@@ -92,12 +96,14 @@ class Setup:
             {SCALES_KEY: {n: np.asarray(v).tolist() for n, v in self.scales.items()}}
         return {"model_weights_sha256": self.manifest.weights_sha256,
                 "model_graph_sha256": sha256_file(self.model_dir / self.manifest.graph),
+                **({"model_base_sha256": self.manifest.base["data_sha256"]} if self.manifest.base else {}),
                 "task": self.task.to_json(), "versions": versions(self.cfg.engine)} | scales
 
     def check_model(self, recorded: dict[str, Any], run: Path) -> None:
         """The model folder must hold the weights and graph the run started from."""
         for key, now in (("model_weights_sha256", self.manifest.weights_sha256),
-                         ("model_graph_sha256", sha256_file(self.model_dir / self.manifest.graph))):
+                         ("model_graph_sha256", sha256_file(self.model_dir / self.manifest.graph)),
+                         ("model_base_sha256", self.manifest.base.get("data_sha256"))):
             if recorded.get(key) != now:
                 what = key.split("_")[1]
                 raise OrtzoError(f"{self.model_dir} holds another {what} than run {run} started from "

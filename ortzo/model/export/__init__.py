@@ -10,7 +10,9 @@ Face config; then the full-logits graph (model.logits).
 The folder is built in `.NAME.partial` beside `out` and renamed into place when whole. An
 export that dies (killed, out of disk) leaves that folder; running the same export again
 resumes it: the traced graph is kept and the weight file goes on from its last whole tensor.
-A different request (model, dtype, opset, format) starts it afresh.
+A different request (model, dtype, opset, format, base) starts it afresh. With a quantized
+base or LoRA, the whole trainable folder is then frozen (model/frozen.py): the matrices become
+constants, int4/int8 if asked, and only the vectors and LoRA stay trainable.
 
 Needs the `export` extra (torch, optimum-onnx, transformers); the runtime never imports this.
 """
@@ -29,8 +31,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...errors import OrtzoError
+from ..lora import LoraSpec, targeted
 from ..manifest import Manifest
 from ..mobile import add_ort_graph
+from ..quantize import QuantSpec
 from .convert import convert
 from .sources import Source, open_checkpoint, resolve
 from .tokenizer import export_tokenizer
@@ -49,10 +53,12 @@ def partial_folder(out: Path) -> Path:
 
 
 def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32",
-                 verbose: bool = False, say: Callable[[str], None] = print, graph_format: str = "onnx") -> Manifest:
+                 verbose: bool = False, say: Callable[[str], None] = print, graph_format: str = "onnx",
+                 quant: QuantSpec | None = None, lora: LoraSpec | None = None) -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then
     renamed) and resumably. Prints its stages through `say`; third-party output and warnings
-    are hidden unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile)."""
+    are hidden unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile).
+    `quant` or `lora`: a frozen base (model/frozen.py)."""
     from filelock import FileLock, Timeout
 
     out = Path(out)
@@ -60,6 +66,8 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if graph_format not in ("onnx", "ort"):
         raise OrtzoError(f"unsupported graph format {graph_format!r}; choose onnx or ort")
+    if graph_format == "ort" and (quant or lora):
+        raise OrtzoError("--format ort with a frozen base (--quantize, --lora): not supported yet; export without it")
     if out.exists() and not out.is_dir():
         raise OrtzoError(f"{out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
@@ -75,7 +83,7 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         raise OrtzoError(f"another export into {out} is running") from None
     with lock:
         try:
-            manifest = _build(model, source, out, work, opset, dtype, graph_format, say, quiet)
+            manifest = _build(model, source, out, work, opset, dtype, graph_format, say, quiet, quant, lora)
         except BaseException:
             if work.is_dir():
                 say(f"the partial export stays in {work}: the same command resumes it (or delete it)")
@@ -85,13 +93,20 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
 
 
 def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype: str, graph_format: str,
-           say: Callable[[str], None], quiet: Callable[[], Any]) -> Manifest:
+           say: Callable[[str], None], quiet: Callable[[], Any], quant: QuantSpec | None,
+           lora: LoraSpec | None) -> Manifest:
     """The export's stages in `work`, then `out` replaced by its result."""
-    stages = STAGES + (graph_format == "ort")
+    frozen = quant is not None or lora is not None
+    stages = STAGES + (graph_format == "ort") + frozen
     _start_or_resume(work, {"model": model, "location": source.location, "dtype": dtype, "opset": opset,
-                            "graph_format": graph_format}, say)
+                            "graph_format": graph_format, "quantize": quant and quant.to_json(),
+                            "lora": lora and lora.to_json()}, say)
     with _stage(say, stages, 1, f"opening {source.location} (config and tensor index; no weights)"), quiet():
         ckpt = open_checkpoint(source)
+        if lora is not None:  # a mistyped target fails now, not after the export
+            from .names import torch_parameters
+
+            targeted(lora, [n for n, s in torch_parameters(ckpt.config).shapes.items() if len(s) == 2])
     traced = work / TRACED
     if not (traced / GRAPH).is_file():
         with _stage(say, stages, 2, f"tracing the graph with Optimum on placeholder weights (opset {opset})"), \
@@ -116,6 +131,16 @@ def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype:
     if graph_format == "ort":
         with _stage(say, stages, 5, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
             manifest = add_ort_graph(build, manifest)
+    if frozen:
+        what = " and ".join(([f"{quant.name} (block {quant.block_size})"] if quant else []) +
+                            ([f"LoRA r={lora.r} on {', '.join(lora.targets)}"] if lora else []))
+        with _stage(say, stages, stages, f"freezing the matrices: {what}; vectors and LoRA stay trainable"), quiet():
+            from ..frozen import freeze  # here: model.frozen imports model.logits, which imports this package
+
+            shutil.rmtree(work / "frozen", ignore_errors=True)
+            manifest = freeze(build, work / "frozen", quant, lora)
+            shutil.rmtree(build)
+            build = work / "frozen"
     if out.exists():
         shutil.rmtree(out)
     build.rename(out)

@@ -1,0 +1,193 @@
+"""A frozen base: a trainable folder turned into one whose matrices are constants of the graph
+(fp32, or quantized to int4/int8 MatMulNBits) and whose trained tensors, the vectors and
+optional LoRA A/B beside the matrices, are the only weights left in `weights.bin`.
+
+MeZO's default recipe perturbs only the vectors, so the matrices never need to be mutable: as
+initializers ORT prepacks them, quantized they take an eighth (int4) or a quarter (int8) of
+their fp32 bytes, and a run's checkpoints hold kilobytes. Each trained tensor is both a graph
+input and an initializer holding its starting value (an "overridable initializer"), so the
+graph also runs as a plain inference model without them, and an ORT adapter (model/adapter.py)
+sets them per request over the unchanged base.
+
+The source folder is read one tensor at a time (a memory map of its weight file) and the
+frozen data is written one tensor at a time (model/external.py), so freezing a 7B folder holds
+one matrix, not the model. Needs onnx (the export extra).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OrtzoError
+from ..files import atomic_open
+from . import lora as lora_graph
+from .export.convert import _prune, declare_inputs
+from .export.flatfile import FlatWriter
+from .external import DataFile
+from .logits import write_logits_graph
+from .manifest import HF_CONFIG, Manifest, Parameter
+from .quantize import QuantSpec, matmul_nbits, quantize
+
+BASE_DATA = "base.onnx_data"
+WEIGHTS = "weights.bin"
+
+
+def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
+           lora: lora_graph.LoraSpec | None = None) -> Manifest:
+    """Write the frozen-base folder of the trainable folder `src` into the empty folder `out`.
+    Every matrix that is only ever B of x @ B becomes MatMulNBits under `quant` (others, such as
+    a tied embedding, stay constants as stored); `lora` adds A and B beside the matching ones."""
+    import onnx
+
+    src, out = Path(src), Path(out)
+    m = Manifest.load(src)
+    if m.base:
+        raise OrtzoError(f"{src} already has a frozen base ({m.base['quantize']}); freeze the folder it came from")
+    model = onnx.load(str(src / m.graph), load_external_data=False)
+    g = model.graph
+    source = np.memmap(src / m.weights, np.uint8, mode="r")
+
+    def value(p: Parameter) -> np.ndarray:
+        return np.asarray(source[p.offset:p.offset + p.nbytes].view(p.dtype).reshape(p.shape))
+
+    trained = [p for p in m.parameters if len(p.shape) == 1]  # the vectors
+    frozen = {p.name: p for p in m.parameters if len(p.shape) != 1}
+    casts = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast" and n.input[0] in frozen}  # fp16 folders
+    matmuls = _matmul_weights(g, frozen, casts)
+    targets = lora_graph.targeted(lora, sorted(matmuls, key=list(frozen).index)) if lora else []
+    quantized = set(matmuls) if quant else set()
+
+    # the tensors: frozen ones into the base's data file, trained ones into the weight file and,
+    # as their starting values, into the data file too
+    out.mkdir(parents=True, exist_ok=True)
+    weights = FlatWriter(out / WEIGHTS)
+    with atomic_open(out / BASE_DATA, "wb") as f:
+        data = DataFile(f, BASE_DATA)
+        inits = [data.add(p.name, value(p)) for p in frozen.values() if p.name not in quantized]
+        nodes, added = _rewrite(g, matmuls, quantized, targets, quant, lora, frozen, value, data, inits)
+        for p in trained:
+            weights.add(p.name, value(p), p.dtype)
+            inits.append(data.add(p.name, value(p)))
+        for name, (a, b) in added.items():
+            for tensor_name, arr in zip(lora_graph.names(name), (a, b), strict=True):
+                weights.add(tensor_name, arr.T, "float32", transposed=True)  # given in PyTorch's layout
+                inits.append(data.add(tensor_name, arr))
+    weights_sha256 = weights.close()
+    params = [weights.written[p.name] for p in trained] + \
+             [weights.written[n] for name in added for n in lora_graph.names(name)]
+
+    # the graph: frozen weights are no longer inputs; trained ones are inputs with defaults
+    _replace(g.node, nodes)
+    _replace(g.input, [i for i in g.input if i.name not in frozen])
+    declare_inputs(g, [p for p in params if p.name not in {i.name for i in g.input}])
+    g.initializer.extend(inits)
+    if lora is not None:
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(lora.scale, np.float32), lora_graph.SCALE))
+    if quant is not None:
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _prune(g)
+    graph_bytes = model.SerializeToString()
+    with atomic_open(out / m.graph, "wb") as f:
+        f.write(graph_bytes)
+    onnx.checker.check_model(str(out / m.graph))  # by path: it checks the data file beside the graph
+    for name in {HF_CONFIG, m.tokenizer.get("file", "tokenizer.json") if m.tokenizer else None} - {None}:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+
+    base: dict[str, Any] = {
+        "data": BASE_DATA, "data_bytes": data.size, "data_sha256": data.sha256,
+        "id": int(hashlib.sha256(graph_bytes + data.sha256.encode()).hexdigest()[:7], 16),  # an adapter's model version
+        **(quant.to_json() if quant else {"quantize": "none"}),
+        "frozen": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype,
+                    "stored": quant.name if quant and p.name in quantized else p.dtype} for p in frozen.values()],
+        "lora": lora.to_json() | {"modules": [lora_graph.module(n) for n in added]} if lora else None}
+    manifest = replace(m, weights=WEIGHTS, weights_sha256=weights_sha256, weights_bytes=weights.size,
+                       parameters=tuple(params), base=base, logits_graph=None, ort_graph=None)
+    manifest.save(out)
+    return write_logits_graph(out)
+
+
+def _replace(items: Any, new: list[Any]) -> None:
+    """Replace a repeated protobuf field's items."""
+    del items[:]
+    items.extend(new)
+
+
+def _matmul_weights(g, frozen: dict[str, Parameter], casts: dict[str, str]) -> dict[str, list[Any]]:
+    """Frozen matrices that are only ever B of x @ B (a MatMul, or a plain Gemm x @ B + bias, as
+    GPT-2's Conv1D traces), directly or through an fp16 folder's cast, with those nodes: the
+    Linear weights, which can be quantized and carry a LoRA. A tied embedding, also Gathered,
+    is not among them."""
+    uses: dict[str, list[tuple[Any, int]]] = {}
+    for node in g.node:
+        if node.op_type == "Cast" and node.output[0] in casts:
+            continue  # see through it: its consumers are the weight's
+        for i, name in enumerate(node.input):
+            name = casts.get(name, name)
+            if name in frozen:
+                uses.setdefault(name, []).append((node, i))
+    return {name: [n for n, _ in u] for name, u in uses.items() if all(i == 1 and _is_linear(n) for n, i in u)}
+
+
+def _is_linear(node) -> bool:
+    """MatMul, or Gemm computing x @ B + C exactly (no transposes, unit alpha and beta)."""
+    if node.op_type == "MatMul":
+        return True
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return node.op_type == "Gemm" and not attrs.get("transA", 0) and not attrs.get("transB", 0) \
+        and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+
+
+def _rewrite(g, matmuls: dict[str, list[Any]], quantized: set[str], targets: list[str], quant: QuantSpec | None,
+             lora: lora_graph.LoraSpec | None, frozen: dict[str, Parameter],
+             value: Callable[[Parameter], np.ndarray], data: DataFile,
+             inits: list[Any]) -> tuple[list[Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The graph's nodes with each x @ B over a quantized matrix made MatMulNBits (its
+    initializers appended to `inits`; a Gemm's bias added after it) and a LoRA branch after
+    each targeted one; returns
+    (nodes, {weight: (A, B) starting values})."""
+    import onnx
+
+    weight_of = {id(node): w for w, nodes in matmuls.items() for node in nodes}
+    packed: dict[str, tuple[list[str], int, int]] = {}  # weight -> (initializer names, K, N)
+    added: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    nodes = []
+    for node in g.node:
+        w = weight_of.get(id(node))
+        if w is None:
+            nodes.append(node)
+            continue
+        x, out = node.input[0], node.output[0]
+        base_out = f"{out}/base" if w in targets else out
+        if w in quantized:
+            assert quant is not None
+            if w not in packed:
+                q = quantize(value(frozen[w]), quant)
+                parts = {f"{w}/q{quant.bits}": q.packed, f"{w}/scales": q.scales}
+                if q.zero_points is not None:
+                    parts[f"{w}/zero_points"] = q.zero_points
+                inits.extend(data.add(n, a) for n, a in parts.items())
+                packed[w] = (list(parts), q.k, q.n)
+            names, k, n = packed[w]
+            bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            product = f"{base_out}/product" if bias else base_out
+            nodes.append(matmul_nbits(x, names, product, k, n, quant, f"{node.name or w}/q{quant.bits}"))
+            if bias:
+                nodes.append(onnx.helper.make_node("Add", [product, bias], [base_out], name=f"{node.name or w}/bias"))
+        else:
+            node.output[0] = base_out
+            nodes.append(node)
+        if w in targets:
+            assert lora is not None
+            if w not in added:
+                added[w] = lora_graph.initial(lora, frozen[w].shape, len(added))
+            nodes.extend(lora_graph.branch(x, base_out, out, w))
+    return nodes, added
