@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
+.PHONY: setup test demo bench bench-bases int4-sst2 bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,23 @@ bench-cuda: setup $(MODEL)/manifest.json
 
 GEMMA := models/gemma3-270m
 TINY := models/tiny-llama
+INT4 := models/smollm2-135m-int4
+INT8 := models/smollm2-135m-int8
+
+$(INT4)/manifest.json: | setup
+	$(VENV)/bin/ortzo export smollm2-135m --out $(INT4) --quantize int4 --force
+
+$(INT8)/manifest.json: | setup
+	$(VENV)/bin/ortzo export smollm2-135m --out $(INT8) --quantize int8 --force
+
+# Issue 25: the fp32 folder against its frozen int4 and int8 bases: forward time interleaved in
+# one process (3 processes), peak RSS of inference and of the default recipe's steps.
+bench-bases: setup $(MODEL)/manifest.json $(INT4)/manifest.json $(INT8)/manifest.json
+	$(VENV)/bin/ortzo bench $(MODEL) --bases $(INT4) $(INT8) --batch-size 16 --seq-len 96 --directions
+
+# Issue 25: the default SST-2 recipe over the int4 base (configs/int4-sst2.toml: 3 seeds x 30 min, ~1.6 h); resumes.
+int4-sst2: setup $(INT4)/manifest.json
+	$(VENV)/bin/ortzo compare configs/int4-sst2.toml --out runs/int4-sst2
 
 $(GEMMA)/manifest.json: | setup
 	$(VENV)/bin/ortzo export gemma3-270m --out $(GEMMA) --force

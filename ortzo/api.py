@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .engines.ort import trainable_buffers
 from .errors import OrtzoError
+from .model.adapter import read_adapter, write_adapter
 from .model.manifest import Manifest, hf_config
 from .model.session import ScoringSession
 from .model.targets import load_target
@@ -153,6 +154,26 @@ class Model:
     def restore(self, path: str | Path, sha256: str | None = None) -> None:
         """Load a saved weight file into the bound buffers (checked before anything changes)."""
         self.store.reload(path, sha256)
+        if self.session.device is not None:
+            self.session.device.upload()
+
+    def save_adapter(self, path: str | Path) -> int:
+        """The trained tensors (those `train` chose; before it, every trainable one) of a frozen
+        base as an ONNX Runtime adapter (`.onnx_adapter`), atomically; returns its bytes. Plain
+        ORT applies it over the unchanged base with `RunOptions.add_active_adapter`."""
+        if self.session.device is not None:
+            self.session.device.download()
+        self.store.sync()
+        names = getattr(self, "names", None) or list(self.store.arrays)
+        return write_adapter(path, self.manifest, self.folder, {n: self.store.arrays[n] for n in names})
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Set the bound tensors to an adapter's (checked to be for this base before anything
+        changes): the model then serves, or goes on training from, the adapter's weights."""
+        for name, value in read_adapter(path, self.manifest, self.folder).items():
+            self.store.arrays[name][...] = value
+            if name in self.store.masters:
+                self.store.masters[name][...] = value
         if self.session.device is not None:
             self.session.device.upload()
 

@@ -41,17 +41,18 @@ def _fail(message: str) -> int:
 def _export(a: argparse.Namespace) -> None:
     from .model.export import export_model
 
-    from .model.lora import LoraSpec
-    from .model.quantize import QuantSpec
-
     o = ExportOptions.build(config.given(a, ExportOptions))
-    quant = QuantSpec.named(o.quantize, o.block_size, o.symmetric, o.accuracy_level)
-    lora = LoraSpec.parse(o.lora) if o.lora is not None else None
+    quant, lora = o.specs()
     m = export_model(o.model, o.out, opset=o.opset, force=o.force, dtype=o.dtype, verbose=o.verbose,
                      graph_format=o.format, quant=quant, lora=lora)
+    print(f"wrote {o.out}: {_trainable(m)}")
+
+
+def _trainable(m) -> str:  # m: Manifest
+    """What a written folder trains, and its frozen base if it has one."""
     base = f"; frozen base {m.base['quantize']}, {m.base['data_bytes'] / 2**20:.1f} MiB" if m.base else ""
-    print(f"wrote {o.out}: {len(m.parameters)} trainable parameters, {sum(p.size for p in m.parameters):,} weights, "
-          f"{m.weights_bytes / 2**20:.1f} MiB{base}")
+    return (f"{len(m.parameters)} trainable parameters, {sum(p.size for p in m.parameters):,} weights, "
+            f"{m.weights_bytes / 2**20:.1f} MiB{base}")
 
 
 def _mobile(a: argparse.Namespace) -> None:
@@ -76,9 +77,9 @@ def _prepare(a: argparse.Namespace) -> None:
     from .model.prepare import prepare
 
     o = config.PrepareOptions.build(config.given(a, config.PrepareOptions))
-    m = Manifest.load(prepare(o.model, o.out, tokenizer=o.tokenizer, force=o.force))
-    print(f"wrote {o.out}: {len(m.parameters)} parameters, {sum(p.size for p in m.parameters):,} weights, "
-          f"{m.weights_bytes / 2**20:.1f} MiB; inputs {', '.join(m.inputs)}; outputs {', '.join(m.outputs)}")
+    quant, lora = o.specs()
+    m = Manifest.load(prepare(o.model, o.out, tokenizer=o.tokenizer, force=o.force, quant=quant, lora=lora))
+    print(f"wrote {o.out}: {_trainable(m)}; inputs {', '.join(m.inputs)}; outputs {', '.join(m.outputs)}")
 
 
 def _finetune(a: argparse.Namespace) -> None:
@@ -107,7 +108,7 @@ def _bake(a: argparse.Namespace) -> None:
     from .recipes.bake import bake
 
     o = config.BakeOptions.build(config.given(a, config.BakeOptions))
-    bake(o.path, o.out, step=o.step, force=o.force, say=lambda line: print(line, file=sys.stderr))
+    bake(o.path, o.out, step=o.step, force=o.force, say=lambda line: print(line, file=sys.stderr), adapter=o.adapter)
     size = sum(p.stat().st_size for p in Path(o.out).iterdir())
     print(f"wrote {o.out}: {size / 2**20:.1f} MiB (ORTModelForCausalLM.from_pretrained(out, use_cache=False))")
 

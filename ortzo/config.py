@@ -19,13 +19,17 @@ import argparse
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from .engines.base import ENGINES
 from .errors import OrtzoError
 from .optim.directions import DEFAULT_KIND, KINDS
+
+if TYPE_CHECKING:
+    from .model.lora import LoraSpec
+    from .model.quantize import QuantSpec
 from .optim.estimators import ESTIMATORS
 from .optim.precondition import SCALES
 from .model.placement import PROVIDERS
@@ -302,7 +306,34 @@ class EvalOptions(Settings):
                                         "base before scoring")
 
 
-class ExportOptions(Settings):
+class FrozenBaseOptions(Settings):
+    """A frozen base (ortzo.model.frozen), for `export` and `prepare` alike."""
+
+    quantize: Literal["none", "int4", "int8"] = setting(
+        "none", "a frozen base: the matrices become int4 or int8 constants (ORT's MatMulNBits) and only the vectors "
+        "(and --lora's A and B) stay trainable inputs")
+    block_size: int = setting(32, "with --quantize: rows of a column that share one scale (a power of 2, 16-256)",
+                              ge=16, le=256)
+    symmetric: bool = setting(False, "with --quantize: no zero points (less exact, a little smaller)")
+    embedding: Literal["int8", "int4", "stored"] = setting(
+        "int8", "with --quantize: the token embedding and the lm head quantized (symmetric: their lookup takes no "
+                "float zero points), or kept as stored (fp32 or fp16)")
+    accuracy_level: int = setting(4, "with --quantize: MatMulNBits' accuracy_level (4: int8 activations, faster "
+                                     "and smaller where measured; 0: fp32 compute from dequantized blocks)",
+                                  ge=0, le=4)
+    lora: str | None = setting(None, "add LoRA beside the frozen matrices, e.g. r=8,alpha=16,targets=*q_proj,*v_proj "
+                                     "(module globs); makes the base frozen like --quantize")
+
+    def specs(self) -> tuple[QuantSpec | None, LoraSpec | None]:
+        """The quantization and LoRA these options ask for (None: not asked)."""
+        from .model.lora import LoraSpec
+        from .model.quantize import QuantSpec
+
+        return (QuantSpec.named(self.quantize, self.block_size, self.symmetric, self.accuracy_level, self.embedding),
+                LoraSpec.parse(self.lora) if self.lora is not None else None)
+
+
+class ExportOptions(FrozenBaseOptions):
     model: str = setting(..., "alias (see export/), hub id, local Hugging Face folder or .gguf file")
     out: str = setting(..., "the trainable model folder to write")
     opset: int = setting(17, "ONNX opset of the exported graph", ge=14)
@@ -312,16 +343,6 @@ class ExportOptions(Settings):
     format: Literal["onnx", "ort"] = setting("onnx", "graph formats to write: onnx, or ort to add the graph in ORT "
                                              "format (model.ort and its required_operators.config, for mobile "
                                              "targets) as `ortzo mobile` does")
-    quantize: Literal["none", "int4", "int8"] = setting(
-        "none", "a frozen base: the matrices become int4 or int8 constants (ORT's MatMulNBits) and only the vectors "
-        "(and --lora's A and B) stay trainable inputs")
-    block_size: int = setting(32, "with --quantize: rows of a column that share one scale (a power of 2, 16-256)",
-                              ge=16, le=256)
-    symmetric: bool = setting(False, "with --quantize: no zero points (less exact, a little smaller)")
-    accuracy_level: int = setting(0, "with --quantize: MatMulNBits' accuracy_level (0: fp32 compute; 4: int8 "
-                                     "activations, faster where the CPU has int8 dot products)", ge=0, le=4)
-    lora: str | None = setting(None, "add LoRA beside the frozen matrices, e.g. r=8,alpha=16,targets=*q_proj,*v_proj "
-                                     "(module globs); makes the base frozen like --quantize")
 
 
 class MobileOptions(Settings):
@@ -337,7 +358,7 @@ class PlacementOptions(Settings):
     seq_len: int = setting(64, "tokens per row the shape is fixed at", ge=1)
 
 
-class PrepareOptions(Settings):
+class PrepareOptions(FrozenBaseOptions):
     model: str = setting(..., "an ONNX model exported by any tool (.onnx; external data beside it is read too)")
     out: str = setting(..., "the trainable model folder to write")
     tokenizer: str | None = setting(None, "a tokenizers tokenizer.json to copy into the folder; default: the "
@@ -352,6 +373,7 @@ class BakeOptions(Settings):
     out: str = setting(..., "the folder to write: model.onnx, model.onnx_data, config.json, the tokenizer")
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
     force: bool = setting(False, "replace a non-empty --out")
+    adapter: str | None = setting(None, "an .onnx_adapter (ortzo adapter) merged over a model folder's frozen base")
 
 
 class AdapterOptions(Settings):
@@ -415,9 +437,13 @@ class MemoryOptions(Settings):
                                                 "only their input); default: 0, and 1 for --budget's "
                                                 "checkpointed column", ge=0, le=1)
     unpadded: bool = setting(False, "batches of full rows: transformers drops the attention mask")
+    base: Literal["none", "int4", "int8"] = setting("none", "ort-mezo over a frozen int4/int8 base (`ortzo export "
+                                                    "--quantize`, the vectors trained); --budget: its column's base")
+    lora_rank: int = setting(0, "with --base: LoRA of this rank on each layer's query and value matrices", ge=0)
     budget: str | None = setting(None, "a memory size (e.g. 17GB, 16GiB): with MODEL, whether it fits; alone, "
                                  "the largest model of each family that fits for bp with and without "
-                                 "checkpointing and for MeZO, and the paper's setting")
+                                 "checkpointing, for MeZO and for ort-mezo over a frozen base (int4 unless "
+                                 "--base says), and the paper's setting")
     validate_folders: list[str] | None = setting(None, "trainable folders: predicted vs measured peak RSS of every "
                                                  "method at batch 8 x 64 and 16 x 128 (one child process a row)",
                                                  flags=("--validate",), min_length=1)

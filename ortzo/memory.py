@@ -35,6 +35,7 @@ here does. L'/L is read as the fraction of layers checkpointed (recomputed), as 
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections import Counter
@@ -201,45 +202,96 @@ _READERS = dict.fromkeys(_GATED, _llama_like) | {"gpt2": _gpt2, "opt": _opt, "gp
 
 # ---------------------------------------------------------------------------------- parameters
 
-def layer_parameters(a: Arch) -> list[int]:
-    """Element counts of one decoder layer's parameter tensors, fused where the model fuses
-    them (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj)."""
+def layer_parameters(a: Arch) -> list[tuple[int, ...]]:
+    """Shapes of one decoder layer's parameter tensors, fused where the model fuses them
+    (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj)."""
     h, nd, kd, i = a.hidden, a.inner, a.kv_heads * a.head_dim, a.intermediate
     if a.family == "phi3":
-        return [h * (nd + 2 * kd), nd * h, h * 2 * i, i * h, h, h]
+        return [(h, nd + 2 * kd), (nd, h), (h, 2 * i), (i, h), (h,), (h,)]
     if a.family in _GATED:
-        qkv = [h * nd, h * kd, h * kd] + ([nd, kd, kd] if a.qkv_bias else [])
-        out = [nd * h] + ([h] if a.out_bias else [])
-        mlp = [h * i, h * i, i * h] + ([i, i, h] if a.mlp_bias else [])
-        norms = {"gemma3_text": [h] * 4 + [a.head_dim] * 2, "qwen3": [h] * 2 + [a.head_dim] * 2}.get(a.family, [h] * 2)
+        qkv = [(h, nd), (h, kd), (h, kd)] + ([(nd,), (kd,), (kd,)] if a.qkv_bias else [])
+        out = [(nd, h)] + ([(h,)] if a.out_bias else [])
+        mlp = [(h, i), (h, i), (i, h)] + ([(i,), (i,), (h,)] if a.mlp_bias else [])
+        norms = {"gemma3_text": [(h,)] * 4 + [(a.head_dim,)] * 2,
+                 "qwen3": [(h,)] * 2 + [(a.head_dim,)] * 2}.get(a.family, [(h,)] * 2)
         return qkv + out + mlp + norms
     fused = a.family in ("gpt2", "gpt_neox")
-    qkv = ([h * 3 * nd] if fused else [h * nd] * 3) + (([3 * nd] if fused else [nd] * 3) if a.qkv_bias else [])
-    out = [nd * h] + ([h] if a.out_bias else [])
-    mlp = [h * i, i * h] + ([i, h] if a.mlp_bias else [])
-    return qkv + out + mlp + [h] * 4  # two LayerNorms, weight and bias
+    qkv = ([(h, 3 * nd)] if fused else [(h, nd)] * 3) + (([(3 * nd,)] if fused else [(nd,)] * 3) if a.qkv_bias else [])
+    out = [(nd, h)] + ([(h,)] if a.out_bias else [])
+    mlp = [(h, i), (i, h)] + ([(i,), (h,)] if a.mlp_bias else [])
+    return qkv + out + mlp + [(h,)] * 4  # two LayerNorms, weight and bias
 
 
-def outer_parameters(a: Arch) -> tuple[list[int], list[int]]:
-    """(input side: embeddings, positions, OPT's project_in; output side: final norm,
+def outer_parameters(a: Arch) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Shapes (input side: embeddings, positions, OPT's project_in; output side: final norm,
     project_out, an untied LM head): the tensors outside the decoder layers."""
     e = a.embed_dim
-    inputs = [a.vocab * e] + ([a.positions * a.hidden] if a.positions else []) + ([e * a.hidden] if a.proj_dim else [])
-    norm = [] if not a.final_norm else [a.hidden] * (1 if a.family in _GATED else 2)
-    outputs = norm + ([a.hidden * e] if a.proj_dim else []) + ([] if a.tied else [a.vocab * e])
+    inputs = [(a.vocab, e)] + ([(a.positions, a.hidden)] if a.positions else []) + \
+        ([(e, a.hidden)] if a.proj_dim else [])
+    norm = [] if not a.final_norm else [(a.hidden,)] * (1 if a.family in _GATED else 2)
+    outputs = norm + ([(a.hidden, e)] if a.proj_dim else []) + ([] if a.tied else [(a.vocab, e)])
     return inputs, outputs
+
+
+def _sizes(shapes: list[tuple[int, ...]]) -> list[int]:
+    return [math.prod(s) for s in shapes]
 
 
 def parameter_count(a: Arch) -> int:
     """Every parameter once (a tied head is the embedding), as `model.parameters()` yields them."""
     inputs, outputs = outer_parameters(a)
-    return sum(inputs) + sum(outputs) + a.layers * sum(layer_parameters(a))
+    return sum(_sizes(inputs + outputs)) + a.layers * sum(_sizes(layer_parameters(a)))
+
+
+def vector_count(a: Arch) -> int:
+    """The one-dimensional parameters (norms, biases): what `--params vectors` trains and a
+    frozen base keeps as trainable inputs."""
+    inputs, outputs = outer_parameters(a)
+    one_d = [s for s in inputs + outputs if len(s) == 1] + [s for s in layer_parameters(a) if len(s) == 1] * a.layers
+    return sum(_sizes(one_d))
 
 
 def largest_parameter(a: Arch) -> int:
     """Elements of the largest tensor: what per-tensor temporaries (AdamW's sqrt, MeZO's z) cost."""
     inputs, outputs = outer_parameters(a)
-    return max(inputs + outputs + layer_parameters(a))
+    return max(_sizes(inputs + outputs + layer_parameters(a)))
+
+
+def quantized_bytes(shape: tuple[int, ...], bits: int, block_size: int, symmetric: bool) -> int:
+    """Bytes of a matrix [K, N] in MatMulNBits' layout (ortzo.model.quantize): per column, K in
+    blocks of `block_size`, each `bits` a weight, an fp32 scale and (asymmetric) a zero point:
+    fp32 at 4 bits, packed like the weights at 8."""
+    k, n = shape
+    blocks = -(-k // block_size)
+    zero_points = 0 if symmetric else 4 * n * blocks if bits == 4 else n * blocks
+    return n * blocks * block_size * bits // 8 + 4 * n * blocks + zero_points
+
+
+def frozen_base_bytes(a: Arch, bits: int, block_size: int = 32, symmetric: bool = False, embedding: int = 8,
+                      lora_rank: int = 0) -> dict[str, int]:
+    """The weights of a frozen base (ortzo.model.frozen) by kind: every matrix quantized (as
+    [in, out]); the embedding tables (and an untied head) quantized symmetric to `embedding`
+    bits along their rows, a tied table's packed bytes twice (the Gather's layout and the
+    head's; scales shared), or (0) all kept fp32; the vectors fp32 twice (the trained buffer
+    and the graph's default); LoRA A [in, r] and B [r, out] beside each layer's query and value
+    matrices (the one fused qkv matrix where the model fuses them), twice likewise."""
+    inputs, outputs = outer_parameters(a)
+    project_in = [(a.embed_dim, a.hidden)] if a.proj_dim else []
+    tables = [s for s in inputs if len(s) == 2 and s not in project_in]
+    head = [s for s in outputs if s == (a.vocab, a.embed_dim)]
+    matrices = [s for s in layer_parameters(a) if len(s) == 2] * a.layers + project_in + \
+        [s for s in outputs if len(s) == 2 and s not in head]
+    q = lambda shape: quantized_bytes(shape, bits, block_size, symmetric)  # noqa: E731
+    if embedding:
+        tied = a.vocab * -(-a.embed_dim // block_size) * block_size * embedding // 8 if a.tied else 0
+        rows = sum(quantized_bytes(s[::-1], embedding, block_size, True) for s in tables + head) + tied
+    else:
+        rows = 4 * sum(_sizes(tables + head))
+    layer = layer_parameters(a)
+    qv = [layer[0]] if a.family in ("gpt2", "gpt_neox", "phi3") else [layer[0], layer[2]]
+    return {"quantized matrices": sum(q(s) for s in matrices), "embedding and head": rows,
+            "trained vectors (x2)": 2 * 4 * vector_count(a),
+            "LoRA (x2)": 2 * 4 * a.layers * sum(lora_rank * (k + n) for k, n in qv)}
 
 
 # --------------------------------------------------------------------- activations for backward
@@ -404,7 +456,8 @@ class Estimate:
 
 def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: str = "ort-mezo",
              optimizer: str = "adamw", checkpoint_fraction: float = 0.0, dtype: str = "float32",
-             padded: bool = True) -> Estimate:
+             padded: bool = True, base: str = "none", block_size: int = 32, lora_rank: int = 0,
+             symmetric: bool = False, embedding: int = 8) -> Estimate:
     """The memory of one training step of `model` (an Arch or an HF config dict). Every method
     holds its runtime, the tokenizer (`TOKENIZER` bytes a vocabulary entry) and the weights; then
 
@@ -428,6 +481,10 @@ def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: s
     `padded`: batches with padding, so SDPA gets a mask (ortzo's left-padded batches); False
     for full rows, where transformers drops the mask and GQA skips the k/v copies.
 
+    `base` int4 or int8 (ort-mezo only): a frozen base (`ortzo export --quantize`), whose weights
+    are `frozen_base_bytes` (`block_size`, `symmetric`, `embedding` bits as export takes them;
+    `lora_rank` > 0: with LoRA on q and v).
+
     `total` is the allocator's peak (live bytes). glibc's heap keeps freed chunks, so a
     process's peak RSS can exceed it (bp: by 30-130 % where activations dominate); with
     MALLOC_MMAP_THRESHOLD_=65536 peak RSS followed it within 5 % (Gemma 3 270M, 16 x 128).
@@ -443,13 +500,20 @@ def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: s
         raise OrtzoError(f"batch {batch}, seq {seq}, checkpoint fraction {checkpoint_fraction}: out of range")
     if method == "ort-mezo" and dtype == "bfloat16":
         raise OrtzoError("ort-mezo stores float32 or float16 weights (see `ortzo export --dtype`)")
+    if base not in ("none", "int4", "int8") or (base != "none" and method != "ort-mezo"):
+        raise OrtzoError(f"a frozen {base} base is ort-mezo's (`ortzo export --quantize int4|int8`)")
+    if lora_rank and base == "none":
+        raise OrtzoError("LoRA is estimated over a frozen base: give it one (int4 or int8)")
     c = DTYPES[dtype]
     params = parameter_count(a)
     held = {"runtime": RUNTIME[method], "tokenizer": TOKENIZER * a.vocab, "weights": c * params}
+    if base != "none":
+        del held["weights"]
+        held |= frozen_base_bytes(a, int(base.removeprefix("int")), block_size, symmetric, embedding, lora_rank)
     if method == "bp":
         return _backprop(a, batch, seq, c, optimizer, checkpoint_fraction, padded, params, held)
     if method == "ort-mezo" and c == 2:
-        held["fp32 masters"] = 4 * params
+        held["fp32 masters"] = 4 * (vector_count(a) if base != "none" else params)
     moments = {"forward transient": forward_transient(a, batch, seq, c, padded, ort=method == "ort-mezo"),
                "scoring head": 2 * 4 * batch * a.vocab}
     if method == "torch-mezo":
@@ -480,9 +544,9 @@ def _backprop(a: Arch, batch: int, seq: int, c: int, optimizer: str, fraction: f
     if optimizer == "adamw":
         terms["optimizer temporaries"] = 2 * c * largest_parameter(a)
     _, outputs = outer_parameters(a)
-    first_grads = c * (sum(outputs) + (a.vocab * a.embed_dim if a.tied else 0))  # the head's, first in backward
+    first_grads = c * (sum(_sizes(outputs)) + (a.vocab * a.embed_dim if a.tied else 0))  # the head's, first in backward
     resident = outer["indices"] + outer["rotary tables"] + outer["embeddings"]
-    layer_grads = c * sum(layer_parameters(a))
+    layer_grads = c * sum(_sizes(layer_parameters(a)))
     moments = {
         "forward end": terms["activations kept"] + terms["logits"],
         "backward": max(resident + sum(kept[:layer]) + full[layer] + (a.layers - layer) * layer_grads

@@ -25,6 +25,7 @@ from test_frozen import _feeds
 @pytest.fixture(scope="module")
 def int4_lora(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("frozen") / "int4-lora"
+    # the product's defaults (accuracy level 4, an int8 embedding), LoRA on q and v
     freeze(tiny_model, out, QuantSpec(4, 16), LoraSpec(r=4, alpha=8, targets=("*q_proj", "*v_proj")))
     return out
 
@@ -33,7 +34,8 @@ def int4_lora(tiny_model, tmp_path_factory):
 def run(int4_lora, tiny_data, tmp_path_factory):
     """12 steps on the vectors and LoRA (--params all), checkpoints every 4."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["finetune", str(int4_lora), "--data", str(tiny_data), "--out", str(out), *TRAIN, "--params", "all"]) == 0
+    assert main(["finetune", str(int4_lora), "--data", str(tiny_data), "--out", str(out), *TRAIN,
+                 "--params", "all"]) == 0
     return out
 
 
@@ -94,8 +96,15 @@ def test_eval_with_an_adapter_equals_eval_of_the_run(int4_lora, tiny_data, run, 
     assert with_adapter["loss"] == of_run["loss"] and with_adapter["accuracy"] == of_run["accuracy"]
 
 
-def test_bake_of_a_run_over_a_frozen_base_is_a_standalone_model(int4_lora, run, tmp_path):
-    assert main(["bake", str(run), "--out", str(tmp_path / "baked")]) == 0
+@pytest.mark.parametrize("how", ["run", "adapter"])
+def test_bake_of_a_run_over_a_frozen_base_is_a_standalone_model(int4_lora, run, tmp_path, how):
+    """Baked from the run, or from the base with the run's adapter merged: the same model."""
+    if how == "run":
+        assert main(["bake", str(run), "--out", str(tmp_path / "baked")]) == 0
+    else:
+        assert main(["adapter", str(run), "--out", str(tmp_path / "a.onnx_adapter")]) == 0
+        assert main(["bake", str(int4_lora), "--adapter", str(tmp_path / "a.onnx_adapter"),
+                     "--out", str(tmp_path / "baked")]) == 0
     feeds = _feeds()
     session = ort.InferenceSession(str(tmp_path / "baked" / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {k: feeds[k] for k in ("input_ids", "attention_mask", "position_ids")})[0]
@@ -126,7 +135,7 @@ def test_bad_inputs_are_one_line(tiny_hf, tiny_model, tiny_data, int4_lora, run,
     good = tmp_path / "good.onnx_adapter"
     assert main(["adapter", str(run), "--out", str(good)]) == 0
     other = tmp_path / "other"
-    freeze(tiny_model, other, QuantSpec(4, 32), LoraSpec(r=4, alpha=8))  # same tensors, another base
+    freeze(tiny_model, other, QuantSpec(4, 32, accuracy_level=0), LoraSpec(r=4, alpha=8))  # same tensors, another base
     _expect_error(capsys, ["eval", str(other), "--task", "sst2", *data, "--adapter", str(good)], "made for another base")
     corrupt = tmp_path / "corrupt.onnx_adapter"
     corrupt.write_bytes(b"not an adapter" * 10)
@@ -139,3 +148,27 @@ def test_bad_inputs_are_one_line(tiny_hf, tiny_model, tiny_data, int4_lora, run,
     with open(broken / "base.onnx_data", "r+b") as f:
         f.truncate(100)
     _expect_error(capsys, ["eval", str(broken), "--task", "sst2", *data], "the frozen base is corrupt")
+
+
+def test_the_api_saves_and_loads_adapters_that_plain_ort_serves(int4_lora, tiny_data, tmp_path):
+    import ortzo
+
+    rows = [json.loads(line) for line in (tiny_data / "train.jsonl").read_text().splitlines()]
+    model = ortzo.open(int4_lora).train(params="all", lr=5e-3)
+    clf = model.classifier("sst2")
+    model.fit(clf.batches(rows, batch_size=8), clf.loss, steps=4, progress=False)
+    feeds = clf.batch(rows[:6]).feeds
+    path = tmp_path / "api.onnx_adapter"
+    assert 0 < model.save_adapter(path) < 64 * 1024
+    fresh = ortzo.open(int4_lora)
+    before = fresh.run(feeds)["scores"]
+    fresh.load_adapter(path)
+    np.testing.assert_array_equal(fresh.run(feeds)["scores"], model.run(feeds)["scores"])
+    assert np.abs(before - model.run(feeds)["scores"]).max() > 0
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    session = ort.InferenceSession(str(int4_lora / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["scores"], dict(feeds), options)[0], model.run(feeds)["scores"],
+                               rtol=0, atol=1e-6)

@@ -66,6 +66,7 @@ def test_parameter_count_is_transformers_count(name):
     arch = memory.Arch.from_config(config.to_dict())
     assert memory.parameter_count(arch) == sum(p.numel() for p in model.parameters())  # tied: once
     assert memory.largest_parameter(arch) == max(p.numel() for p in model.parameters())
+    assert memory.vector_count(arch) == sum(p.numel() for p in model.parameters() if p.ndim == 1)
     # config.json leaves out what equals the class default: the model must fill it in alike
     assert memory.Arch.from_config(config.to_diff_dict() | {"model_type": config.model_type}) == arch
 
@@ -236,6 +237,9 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     _expect_error(capsys, ["memory", str(tmp_path)], "unsupported model_type 'bert'")
     (tmp_path / "config.json").write_text("{not json")
     _expect_error(capsys, ["memory", str(tmp_path / "config.json")], "bad config file")
+    _expect_error(capsys, ["memory", "gpt2", "--base", "int4", "--method", "bp"], "--base is ort-mezo's")
+    _expect_error(capsys, ["memory", "gpt2", "--lora-rank", "8", "--method", "ort-mezo"],
+                  "LoRA is estimated over a frozen base")
 
 
 def test_cli_prints_terms_and_the_budget(capsys, tmp_path):
@@ -249,7 +253,27 @@ def test_cli_prints_terms_and_the_budget(capsys, tmp_path):
     assert fits[2:] == ["yes", "yes", "no"]  # ort-mezo, torch-mezo, bp
     assert main(["memory", "--budget", "17GB"]) == 0
     out = capsys.readouterr().out
-    assert "gpt2-medium" in out and "llama2-7b" in out and "paper" in out
+    assert "gpt2-medium" in out and "llama2-7b" in out and "paper" in out and "ort-mezo, int4 base" in out
+
+
+def test_a_frozen_base_costs_its_quantized_bytes_by_hand():
+    """SmolLM2-135M's int4 base, worked by hand: 30 layers of 7 matrices in blocks of 32 along
+    their input, 0.5 byte a weight, a 4-byte scale and a 4-byte zero point a block; the tied
+    49152 x 576 table at int8 (a byte a weight, a 4-byte scale a block of 32) and its bytes
+    once more for the head; 30 x 2 + 1 norms of 576, fp32, twice."""
+    a = memory.Arch.from_config(memory.alias_config("smollm2-135m"))
+    h, i, kv = 576, 1536, 192
+    matrices = 30 * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    terms = memory.frozen_base_bytes(a, 4, 32)
+    assert terms["quantized matrices"] == matrices // 2 + matrices // 32 * 8
+    table = 49152 * h
+    assert terms["embedding and head"] == table + table // 32 * 4 + table
+    assert terms["trained vectors (x2)"] == 2 * 4 * (61 * h)
+    lora = memory.frozen_base_bytes(a, 4, 32, lora_rank=8)["LoRA (x2)"]
+    assert lora == 2 * 4 * 30 * 8 * ((h + h) + (h + kv))  # q: 576 -> 576, v: 576 -> 192
+    e = memory.estimate(memory.alias_config("smollm2-135m"), 16, 96, base="int4", padded=False)
+    plain = memory.estimate(memory.alias_config("smollm2-135m"), 16, 96, padded=False)
+    assert e.total - plain.total == sum(terms.values()) - 4 * memory.parameter_count(a)
 
 
 def _allocation_peak(fn) -> int:

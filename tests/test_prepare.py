@@ -264,3 +264,29 @@ def test_cli_errors_are_one_line_exit_2_and_touch_nothing(tiny_bert, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes.txt"]  # no half-built folder anywhere
     assert main(["prepare", str(tiny_bert), "--out", str(out), "--force"]) == 0
     assert snapshot(out) == prepared
+
+
+def test_a_prepared_model_with_a_frozen_int4_base_computes_its_dequantized_original(tiny_bert, tmp_path):
+    """`ortzo prepare --quantize int4 --lora ...`: plain onnxruntime on the original file with each
+    quantized initializer replaced by what the folder's bytes dequantize to (the test's own
+    arithmetic) is the reference; LoRA starts at zero."""
+    from test_frozen import _dequantized
+
+    out = tmp_path / "q"
+    assert main(["prepare", str(tiny_bert), "--out", str(out), "--quantize", "int4", "--block-size", "16",
+                 "--accuracy-level", "0", "--lora", "r=2,targets=onnx::MatMul_*"]) == 0
+    m = Manifest.load(out)
+    quantized = {f["name"]: f for f in m.base["frozen"] if f["stored"].startswith("int")}
+    assert "classifier.weight" in quantized and "bert.embeddings.word_embeddings.weight" in quantized
+    assert any(p.name.endswith("lora_B.weight") for p in m.parameters)
+    original = onnx.load(str(tiny_bert))
+    for init in original.graph.initializer:
+        if init.name in quantized:
+            f = quantized[init.name]
+            deq = _dequantized(out, init.name, int(f["stored"][3:]), 16, *f["k_n"]).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(deq.T if f["stored_out_in"] else deq, init.name))
+    onnx.save(original, str(tmp_path / "dequantized.onnx"))
+    batch = feeds(tiny_bert)
+    want = reference(tmp_path / "dequantized.onnx", batch)["logits"]
+    np.testing.assert_allclose(ortzo.open(out).run(batch)["logits"], want, rtol=0, atol=1e-5)
+    assert np.abs(want - reference(tiny_bert, batch)["logits"]).max() > 0  # quantization changed them

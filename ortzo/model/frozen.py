@@ -29,6 +29,7 @@ from ..files import atomic_open
 from . import lora as lora_graph
 from .export.convert import _prune, declare_inputs
 from .export.flatfile import FlatWriter
+from .export.head import LM_HEAD
 from .external import DataFile
 from .logits import write_logits_graph
 from .manifest import HF_CONFIG, Manifest, Parameter
@@ -60,8 +61,21 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
     frozen = {p.name: p for p in m.parameters if len(p.shape) != 1}
     casts = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast" and n.input[0] in frozen}  # fp16 folders
     matmuls = _matmul_weights(g, frozen, casts)
+    read_transposed = {w for w, nodes in matmuls.items() if _transposed_b(nodes[0])}  # stored [out, in]
+    kn = {w: frozen[w].shape[::-1] if w in read_transposed else frozen[w].shape
+          for w in matmuls}  # each as x @ B reads it: [in, out]
     targets = lora_graph.targeted(lora, sorted(matmuls, key=list(frozen).index)) if lora else []
-    quantized = set(matmuls) if quant else set()
+    head = next((n.input[1] for n in g.node if n.name == LM_HEAD), None)  # a prepared folder has no scoring head
+    untied_head = {casts.get(head, head)} & set(matmuls) if head else set()
+    tables: dict[str, bool] = {}
+    bits: dict[str, int] = {}  # what is quantized, to how many bits
+    if quant is not None:
+        bits = {w: quant.bits for w in matmuls}
+        if quant.embedding:
+            tables = _embeddings(g, frozen, casts, quant.block_size)
+            bits |= {w: quant.embedding for w in [*tables, *untied_head]}
+        else:
+            bits = {w: b for w, b in bits.items() if w not in untied_head}
 
     # the tensors: frozen ones into the base's data file, trained ones into the weight file and,
     # as their starting values, into the data file too
@@ -69,8 +83,9 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
     weights = FlatWriter(out / WEIGHTS)
     with atomic_open(out / BASE_DATA, "wb") as f:
         data = DataFile(f, BASE_DATA)
-        inits = [data.add(p.name, value(p)) for p in frozen.values() if p.name not in quantized]
-        nodes, added = _rewrite(g, matmuls, quantized, targets, quant, lora, frozen, value, data, inits)
+        inits = [data.add(p.name, value(p)) for p in frozen.values() if p.name not in bits]
+        nodes, added = _rewrite(g, matmuls, read_transposed, bits, tables, targets, quant, lora, frozen, value, data,
+                                inits)
         for p in trained:
             weights.add(p.name, value(p), p.dtype)
             inits.append(data.add(p.name, value(p)))
@@ -105,12 +120,15 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
         "id": int(hashlib.sha256(graph_bytes + data.sha256.encode()).hexdigest()[:7], 16),  # an adapter's model version
         **(quant.to_json() if quant else {"quantize": "none"}),
         "frozen": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype,
-                    "stored": quant.name if quant and p.name in quantized else p.dtype} for p in frozen.values()],
+                    "stored": f"int{bits[p.name]}" if p.name in bits else p.dtype}
+                   | ({"k_n": list(kn[p.name] if p.name in kn else p.shape[::-1]),
+                       "stored_out_in": p.name in read_transposed or p.name in tables} if p.name in bits else {})
+                   for p in frozen.values()],  # k_n: as MatMulNBits reads it; stored_out_in: held [N, K]
         "lora": lora.to_json() | {"modules": [lora_graph.module(n) for n in added]} if lora else None}
     manifest = replace(m, weights=WEIGHTS, weights_sha256=weights_sha256, weights_bytes=weights.size,
                        parameters=tuple(params), base=base, logits_graph=None, ort_graph=None)
     manifest.save(out)
-    return write_logits_graph(out)
+    return write_logits_graph(out) if m.logits_graph else manifest  # a prepared folder has no scoring head
 
 
 def _replace(items: Any, new: list[Any]) -> None:
@@ -119,11 +137,8 @@ def _replace(items: Any, new: list[Any]) -> None:
     items.extend(new)
 
 
-def _matmul_weights(g, frozen: dict[str, Parameter], casts: dict[str, str]) -> dict[str, list[Any]]:
-    """Frozen matrices that are only ever B of x @ B (a MatMul, or a plain Gemm x @ B + bias, as
-    GPT-2's Conv1D traces), directly or through an fp16 folder's cast, with those nodes: the
-    Linear weights, which can be quantized and carry a LoRA. A tied embedding, also Gathered,
-    is not among them."""
+def _uses(g, frozen: dict[str, Parameter], casts: dict[str, str]) -> dict[str, list[tuple[Any, int]]]:
+    """Each frozen weight's readers as (node, input index), seeing through an fp16 folder's casts."""
     uses: dict[str, list[tuple[Any, int]]] = {}
     for node in g.node:
         if node.op_type == "Cast" and node.output[0] in casts:
@@ -132,54 +147,124 @@ def _matmul_weights(g, frozen: dict[str, Parameter], casts: dict[str, str]) -> d
             name = casts.get(name, name)
             if name in frozen:
                 uses.setdefault(name, []).append((node, i))
-    return {name: [n for n, _ in u] for name, u in uses.items() if all(i == 1 and _is_linear(n) for n, i in u)}
+    return uses
+
+
+def _matmul_weights(g, frozen: dict[str, Parameter], casts: dict[str, str]) -> dict[str, list[Any]]:
+    """Frozen matrices that are only ever B of x @ B (a MatMul, or a plain Gemm x @ B + bias, as
+    GPT-2's Conv1D traces), directly or through an fp16 folder's cast, with those nodes: the
+    Linear weights, which can be quantized and carry a LoRA. A tied embedding, also Gathered,
+    is not among them."""
+    return {name: [n for n, _ in u] for name, u in _uses(g, frozen, casts).items()
+            if all(i == 1 and _is_linear(n) for n, i in u)}
 
 
 def _is_linear(node) -> bool:
-    """MatMul, or Gemm computing x @ B + C exactly (no transposes, unit alpha and beta)."""
+    """MatMul, or Gemm computing x @ B + C or x @ B^T + C (OPT's MLP on flattened rows) exactly:
+    unit alpha and beta, A not transposed."""
     if node.op_type == "MatMul":
         return True
     from onnx import helper
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return node.op_type == "Gemm" and not attrs.get("transA", 0) and not attrs.get("transB", 0) \
-        and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+    return node.op_type == "Gemm" and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 \
+        and attrs.get("beta", 1.0) == 1.0
 
 
-def _rewrite(g, matmuls: dict[str, list[Any]], quantized: set[str], targets: list[str], quant: QuantSpec | None,
-             lora: lora_graph.LoraSpec | None, frozen: dict[str, Parameter],
+def _transposed_b(node) -> bool:
+    """A Gemm that reads its B transposed: the weight is stored [out, in]."""
+    from onnx import helper
+
+    return node.op_type == "Gemm" and any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute)
+
+
+def _embeddings(g, frozen: dict[str, Parameter], casts: dict[str, str], block_size: int) -> dict[str, bool]:
+    """Frozen tables [vocab, hidden] that are only Gathered by row and multiplied as a tied head
+    (Gemm with transB), with whether they are a head: quantized along hidden, the same bytes
+    serve both (GatherBlockQuantized, MatMulNBits). A hidden size that the block size does not
+    divide keeps its table as stored."""
+    from onnx import helper
+
+    def row_use(node, i: int) -> bool:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gather":
+            return i == 0 and attrs.get("axis", 0) == 0
+        return node.op_type == "Gemm" and i == 1 and attrs.get("transB", 0) == 1 and not attrs.get("transA", 0) \
+            and attrs.get("alpha", 1.0) == 1.0 and len(node.input) == 2
+
+    return {name: any(n.op_type == "Gemm" for n, _ in u) for name, u in _uses(g, frozen, casts).items()
+            if len(frozen[name].shape) == 2 and frozen[name].shape[1] % block_size == 0
+            and all(row_use(n, i) for n, i in u) and any(n.op_type == "Gather" for n, _ in u)}
+
+
+def _rewrite(g, matmuls: dict[str, list[Any]], read_transposed: set[str], bits: dict[str, int],
+             tables: dict[str, bool], targets: list[str],
+             quant: QuantSpec | None, lora: lora_graph.LoraSpec | None, frozen: dict[str, Parameter],
              value: Callable[[Parameter], np.ndarray], data: DataFile,
              inits: list[Any]) -> tuple[list[Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The graph's nodes with each x @ B over a quantized matrix made MatMulNBits (its
-    initializers appended to `inits`; a Gemm's bias added after it) and a LoRA branch after
-    each targeted one; returns
-    (nodes, {weight: (A, B) starting values})."""
+    """The graph's nodes with each x @ B over a matrix quantized to `bits` made MatMulNBits (a
+    Gemm's bias added after it), each quantized table's Gather made GatherBlockQuantized and its
+    tied head MatMulNBits (initializers appended to `inits`), and a LoRA branch after each
+    targeted matrix; returns (nodes, {weight: (A, B) starting values})."""
     import onnx
 
+    packed: dict[str, tuple[dict[str, str], int, int]] = {}  # weight -> (initializer names by role, K, N)
+
+    def pack(w: str) -> tuple[dict[str, str], int, int]:
+        """Quantize `w` once: a matrix as B [in, out] for MatMulNBits, a table [vocab, hidden] as
+        its rows for GatherBlockQuantized ([vocab, hidden * bits / 8]) and, if it is a tied
+        head, the same bytes as MatMulNBits' B too."""
+        assert quant is not None
+        if w not in packed:
+            b, symmetric = bits[w], quant.symmetric or w in tables  # GatherBlockQuantized: no float zero points
+            as_b = value(frozen[w]).T if w in tables or w in read_transposed else value(frozen[w])  # [in, out]
+            q = quantize(as_b, b, quant.block_size, symmetric)
+            parts = {"scales": (f"{w}/scales", q.scales)}
+            if q.zero_points is not None:
+                parts["zero_points"] = (f"{w}/zero_points", q.zero_points)
+            if tables.get(w, True):
+                parts["B"] = (f"{w}/q{b}", q.packed)
+            if w in tables:
+                parts["rows"] = (f"{w}/q{b}/rows", q.packed.reshape(q.n, -1))
+            inits.extend(data.add(n, a) for n, a in parts.values())
+            packed[w] = ({role: n for role, (n, _) in parts.items()}, q.k, q.n)
+        return packed[w]
+
+    def scales(names: dict[str, str]) -> list[str]:
+        """The scales and zero points that follow the quantized data in either node's inputs."""
+        return [names["scales"], *([names["zero_points"]] if "zero_points" in names else [])]
+
     weight_of = {id(node): w for w, nodes in matmuls.items() for node in nodes}
-    packed: dict[str, tuple[list[str], int, int]] = {}  # weight -> (initializer names, K, N)
     added: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     nodes = []
     for node in g.node:
         w = weight_of.get(id(node))
+        table = next((t for t in tables if t in node.input or f"{t}/fp32" in node.input), None)
+        if table is not None:
+            assert quant is not None
+            names, k, n = pack(table)
+            if node.op_type == "Cast":
+                continue  # an fp16 folder's cast of the table: nothing reads it now
+            if node.op_type == "Gather":
+                nodes.append(onnx.helper.make_node(
+                    "GatherBlockQuantized", [names["rows"], node.input[1], *scales(names)], list(node.output),
+                    name=f"{node.name or table}/q", domain="com.microsoft", gather_axis=0,
+                    quantize_axis=1, block_size=quant.block_size, bits=bits[table]))
+            else:  # the tied head
+                nodes.append(matmul_nbits(node.input[0], [names["B"], *scales(names)], node.output[0], k, n,
+                                          bits[table], quant, node.name or f"{table}/q"))  # the head keeps its name
+            continue
         if w is None:
             nodes.append(node)
             continue
         x, out = node.input[0], node.output[0]
         base_out = f"{out}/base" if w in targets else out
-        if w in quantized:
-            assert quant is not None
-            if w not in packed:
-                q = quantize(value(frozen[w]), quant)
-                parts = {f"{w}/q{quant.bits}": q.packed, f"{w}/scales": q.scales}
-                if q.zero_points is not None:
-                    parts[f"{w}/zero_points"] = q.zero_points
-                inits.extend(data.add(n, a) for n, a in parts.items())
-                packed[w] = (list(parts), q.k, q.n)
-            names, k, n = packed[w]
+        if w in bits:
+            names, k, n = pack(w)
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
             product = f"{base_out}/product" if bias else base_out
-            nodes.append(matmul_nbits(x, names, product, k, n, quant, f"{node.name or w}/q{quant.bits}"))
+            nodes.append(matmul_nbits(x, [names["B"], *scales(names)], product, k, n, bits[w], quant,
+                                      node.name or f"{w}/q"))
             if bias:
                 nodes.append(onnx.helper.make_node("Add", [product, bias], [base_out], name=f"{node.name or w}/bias"))
         else:
@@ -188,6 +273,7 @@ def _rewrite(g, matmuls: dict[str, list[Any]], quantized: set[str], targets: lis
         if w in targets:
             assert lora is not None
             if w not in added:
-                added[w] = lora_graph.initial(lora, frozen[w].shape, len(added))
+                k, n = frozen[w].shape
+                added[w] = lora_graph.initial(lora, (n, k) if w in read_transposed else (k, n), len(added))
             nodes.extend(lora_graph.branch(x, base_out, out, w))
     return nodes, added

@@ -74,13 +74,17 @@ def write_logits_graph(folder: str | Path) -> Manifest:
 
 
 def _vocab(g, head: LmHead) -> int:
-    """The vocabulary size, from the shape of the weight the head reads (through its fp32 cast
-    in an fp16 folder): a graph input, or a frozen base's initializer."""
+    """The vocabulary size: a quantized head's N, or from the shape of the weight the head
+    reads (through its fp32 cast in an fp16 folder), a graph input or a frozen initializer."""
+    from onnx import helper
+
+    if head.node.op_type == "MatMulNBits":
+        return next(helper.get_attribute_value(a) for a in head.node.attribute if a.name == "N")
     casts = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Cast"}
-    name = casts.get(head.weight, head.weight)
+    name = casts.get(head.node.input[1], head.node.input[1])
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
     dims = inputs.get(name) or next(list(t.dims) for t in g.initializer if t.name == name)
-    return dims[0 if head.transposed else 1]
+    return dims[0 if head.node.op_type == "Gemm" else 1]
 
 
 def _keep(items: Any, keep: Callable[[Any], bool]) -> None:

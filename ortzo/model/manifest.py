@@ -111,7 +111,8 @@ class Manifest:
             if not data.is_file():
                 raise OrtzoError(f"model folder {folder} is missing {data.name}, its frozen base")
             if data.stat().st_size != m.base.get("data_bytes"):
-                raise OrtzoError(f"{data} has {data.stat().st_size} bytes, the manifest says {m.base.get('data_bytes')}: "
+                raise OrtzoError(f"{data} has {data.stat().st_size} bytes, the manifest says "
+                                 f"{m.base.get('data_bytes')}: "
                                  "the frozen base is corrupt or not this folder's")
         if m.ort_graph and not (Path(folder) / m.ort_graph).is_file():
             raise OrtzoError(f"model folder {folder} is missing {m.ort_graph} (run `ortzo mobile {folder}`)")

@@ -20,10 +20,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import OrtzoError
 from ..files import atomic_open
 from .manifest import Manifest, Parameter
+
+if TYPE_CHECKING:
+    from .lora import LoraSpec
+    from .quantize import QuantSpec
 
 TOKENIZER = "tokenizer.json"
 FLOAT_TYPES = (1, 10)  # onnx.TensorProto.FLOAT and FLOAT16: the manifest's dtypes
@@ -31,9 +36,10 @@ MIN_ELEMENTS = 2
 
 
 def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-            force: bool = False) -> Path:
+            force: bool = False, quant: QuantSpec | None = None, lora: LoraSpec | None = None) -> Path:
     """Turn the ONNX model `onnx_path` into the trainable folder `out` (see the module's rule);
-    copy `tokenizer` (default: a tokenizer.json beside the model) if there is one. Returns `out`."""
+    copy `tokenizer` (default: a tokenizer.json beside the model) if there is one; with `quant`
+    or `lora`, freeze its base (model/frozen.py). Returns `out`."""
     import onnx
 
     from .export.convert import GRAPH, WEIGHTS
@@ -74,6 +80,11 @@ def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None
                             source={"kind": "onnx", "location": str(src.resolve()),
                                     "producer": f"{model.producer_name} {model.producer_version}".strip()})
         manifest.save(build)
+        if quant is not None or lora is not None:
+            from .frozen import freeze
+
+            freeze(build, Path(tmp) / "frozen", quant, lora)
+            build = Path(tmp) / "frozen"
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)

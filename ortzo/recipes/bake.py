@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import RECORDED, RunConfig
 from ..engines.base import record_type
 from ..errors import OrtzoError
+from ..model.adapter import read_adapter
 from ..model.bake import write_baked
 from ..model.manifest import MANIFEST, Manifest
 from ..model.targets import load_target
@@ -27,14 +28,20 @@ from .setup import Setup, prepare, recorded_scales, version_notes
 
 
 def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool = False,
-         say: Callable[[str], None] = print) -> Manifest:
+         say: Callable[[str], None] = print, adapter: str | Path | None = None) -> Manifest:
     """Bake the weights of `path` (a trainable folder, or a finetune run folder: its weights
-    after `step` steps, by default all logged) into the model folder `out`; returns the
-    trainable folder's manifest."""
+    after `step` steps, by default all logged) into the model folder `out`; `adapter`: an
+    .onnx_adapter applied over a model folder's frozen base first. Returns the trainable
+    folder's manifest."""
     path, out = Path(path), Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:  # before a long replay
         raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
+    if adapter is not None and not (path / MANIFEST).is_file():
+        raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")
     folder, store, _ = weights_at(path, step, say)
+    if adapter is not None:
+        for name, value in read_adapter(adapter, store.manifest, folder).items():
+            store.arrays[name][...] = value
     write_baked(folder, store, out, force, reads=(path,), say=say)
     return store.manifest
 

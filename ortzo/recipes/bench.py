@@ -95,7 +95,8 @@ def bench_bases(model: Path, others: list[Path], batch_size: int, seq_len: int, 
         f = [t[str(folder)] for t in timed]
         ratio = [t[str(folder)] / t[str(model)] for t in timed]
         infer = in_child("forwards", folder, "cpu", batch_size, seq_len, 2)["peak_rss_mib"]
-        step = in_child("steps", folder, "ort", batch_size, seq_len, 2, json.dumps({"params": "vectors"}))["peak_rss_mib"]
+        vectors = json.dumps({"params": "vectors"})
+        step = in_child("steps", folder, "ort", batch_size, seq_len, 2, vectors)["peak_rss_mib"]
         first_infer = first_infer or infer
         base = Manifest.load(folder).base.get("quantize", "none")
         print(f"{folder.name:<28} {base if base != 'none' else 'plain':<8} "

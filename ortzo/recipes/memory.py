@@ -66,8 +66,15 @@ def show_estimates(name: str, arch: Arch, o: MemoryOptions) -> None:
     """One column per method, one row per term; then bp's activations by kind and by layer."""
     methods = [o.method] if o.method else [m for m in METHODS if not (m == "ort-mezo" and o.dtype == "bfloat16")]
     fraction = o.checkpoint_fraction or 0.0
+    if o.base != "none" and "ort-mezo" not in methods:
+        raise OrtzoError("--base is ort-mezo's: a frozen base is what ortzo's engine trains over")
+    frozen = {"base": o.base, "lora_rank": o.lora_rank}
     estimates = {m: estimate(arch, o.batch_size, o.seq_len, method=m, optimizer=o.optimizer,
-                             checkpoint_fraction=fraction, dtype=o.dtype, padded=not o.unpadded) for m in methods}
+                             checkpoint_fraction=fraction, dtype=o.dtype, padded=not o.unpadded,
+                             **(frozen if m == "ort-mezo" else {})) for m in methods}
+    if o.base != "none":
+        estimates = {(f"ort-mezo {o.base}" if m == "ort-mezo" else m): e for m, e in estimates.items()}
+        methods = list(estimates)
     params = next(iter(estimates.values())).params
     print(f"{name} ({arch.family}): {params:,} parameters; batch {o.batch_size} x seq {o.seq_len}, {o.dtype}, "
           f"{'full rows' if o.unpadded else 'padded batches'}")
@@ -106,18 +113,22 @@ def show_budget(o: MemoryOptions) -> None:
     fraction = 1.0 if o.checkpoint_fraction is None else o.checkpoint_fraction
     mezo = o.method if o.method in ("ort-mezo", "torch-mezo") else "ort-mezo"
     common = {"dtype": o.dtype, "padded": not o.unpadded}
+    base = o.base if o.base != "none" else "int4"
     columns = {"bp": {"method": "bp", "optimizer": o.optimizer},
                f"bp, ckpt {fraction:g}": {"method": "bp", "optimizer": o.optimizer, "checkpoint_fraction": fraction},
-               mezo: {"method": mezo}}
+               mezo: {"method": mezo},
+               f"ort-mezo, {base} base": {"method": "ort-mezo", "base": base, "lora_rank": o.lora_rank}}
     print(f"budget {o.budget} = {size(budget)}; batch {o.batch_size} x seq {o.seq_len}, {o.dtype}, "
           f"bp with {OPTIMIZERS[o.optimizer]}; largest size that fits (its predicted peak)")
-    print(f"{'family':<10}" + "".join(f"{c:>28}" for c in columns) + f"{'MeZO/bp':>9}{'MeZO/ckpt':>10}")
+    print(f"{'family':<10}" + "".join(f"{c:>28}" for c in columns) + f"{'MeZO/bp':>9}{'MeZO/ckpt':>10}"
+          f"{base + '/bp':>9}")
     for family, sizes in SIZES.items():
         fits = [largest_fitting(budget, sizes, o.batch_size, o.seq_len, **common, **how) for how in columns.values()]
         cells = [f"{n}{'*' if n == sizes[-1] else ''} ({size(e.total)})" if n else "none" for n, e in
                  (fit or (None, None) for fit in fits)]
-        ratios = [f"{fits[2][1].params / fit[1].params:.1f}x" if fit and fits[2] else "-" for fit in fits[:2]]
-        print(f"{family:<10}" + "".join(f"{c:>28}" for c in cells) + f"{ratios[0]:>9}{ratios[1]:>10}")
+        ratios = [f"{fits[i][1].params / fit[1].params:.1f}x" if fit and fits[i] else "-"
+                  for i, fit in ((2, fits[0]), (2, fits[1]), (3, fits[0]))]
+        print(f"{family:<10}" + "".join(f"{c:>28}" for c in cells) + f"{ratios[0]:>9}{ratios[1]:>10}{ratios[2]:>9}")
     print("* the family's largest listed size: a larger one might fit too")
     show_paper(budget, o.budget)
 

@@ -4,7 +4,9 @@ For each trainable folder, batch shape and method, one child process opens the e
 the folder and runs a warm-up step and one more on a batch of full random rows (the worst
 case of a shape: no padding), and reports its peak RSS (VmHWM); the memory model predicts the
 same step (`padded=False`). A row is within target if |predicted - measured| <= 10 % of the
-measured. Children run one at a time, so their peaks are their own.
+measured. Children run one at a time, so their peaks are their own. A folder with a frozen
+int4/int8 base is measured for ort-mezo only (the PyTorch engines need a plain folder) and
+predicted with its own quantization settings.
 
 The model predicts the bytes in use at the step's peak. glibc's malloc, by default, raises its
 mmap threshold as large blocks are freed and then serves activations from the heap, where
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from ..errors import OrtzoError
 from ..files import atomic_open
 from ..memory import estimate
-from ..model.manifest import hf_config
+from ..model.manifest import Manifest, hf_config
 from .measure import in_child
 
 # (name, engine, settings): the methods of the issue's table
@@ -36,14 +40,16 @@ EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def validate(models: list[Path], out: Path | None = None, default_malloc: bool = False) -> list[dict]:
-    runs = [(m, shape, method) for m in models for shape in SHAPES for method in METHODS]
+    runs = [(m, shape, method) for m in models for shape in SHAPES for method in METHODS
+            if not Manifest.load(m).base or method[1] == "ort"]
     env = None if default_malloc else EXACT_MALLOC
     rows = []
     for model, (b, s), (name, engine, settings) in tqdm(runs, desc="memory", unit="run", dynamic_ncols=True):
         measured = in_child("steps", model, engine, b, s, 1, json.dumps(settings), env=env)["peak_rss_mib"]
         method = "bp" if engine == "torch-bp" else name
         predicted = estimate(hf_config(model), b, s, method=method, optimizer=settings.get("optimizer", "adamw"),
-                             checkpoint_fraction=settings.get("checkpoint_fraction", 0.0), padded=False).total / 2**20
+                             checkpoint_fraction=settings.get("checkpoint_fraction", 0.0), padded=False,
+                             **frozen_base(Manifest.load(model))).total / 2**20
         rows.append({"model": model.name, "batch": b, "seq": s, "method": name, "predicted_mib": round(predicted),
                      "measured_mib": round(measured), "error": round((predicted - measured) / measured, 4)})
     print("malloc: " + ("glibc's defaults" if default_malloc else "MALLOC_MMAP_THRESHOLD_=65536 (RSS = bytes in use)"))
@@ -58,3 +64,16 @@ def validate(models: list[Path], out: Path | None = None, default_malloc: bool =
         with atomic_open(out, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def frozen_base(m: Manifest) -> dict[str, Any]:
+    """The memory model's settings for a folder's frozen base (none: a plain folder)."""
+    b = m.base
+    if not b:
+        return {}
+    if b["quantize"] == "none":
+        raise OrtzoError("the memory model covers int4 and int8 frozen bases, not a LoRA-only one")
+    embedding = b.get("embedding", "int8")
+    return {"base": b["quantize"], "block_size": b["block_size"], "symmetric": b["symmetric"],
+            "embedding": 0 if embedding == "stored" else int(embedding.removeprefix("int")),
+            "lora_rank": (b.get("lora") or {}).get("r", 0)}

@@ -6,7 +6,9 @@ projects rows to logits; `lm_head` reads it back from a trainable graph, so that
 full-logits graph (model/logits.py) projects exactly as the head does."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import OrtzoError
 
@@ -20,24 +22,22 @@ NODES = (FLATTEN, SELECT, LM_HEAD, LOG_SOFTMAX, PICK)  # not the fp16 casts, als
 
 @dataclass(frozen=True)
 class LmHead:
-    """`hidden`: the final hidden state [batch, seq, hidden_size]; `weight`: the lm-head weight
-    as the graph reads it (an fp16 folder's fp32 cast), [hidden_size, vocab], or [vocab,
-    hidden_size] if `transposed` (a tied embedding, which keeps its layout for its Gather)."""
+    """`hidden`: the final hidden state [batch, seq, hidden_size]; `node`: what projects rows
+    [n, hidden_size] to logits [n, vocab] (its first input and output stand for those): a
+    MatMul by the lm-head weight [hidden_size, vocab], a Gemm with transB by a tied embedding
+    [vocab, hidden_size] (it keeps its layout for its Gather; no Transpose node runs at every
+    forward, and providers that reject a MatMul with B an input take it), or a frozen base's
+    MatMulNBits."""
 
     hidden: str
-    weight: str
-    transposed: bool
+    node: Any  # onnx.NodeProto
     hidden_size: int
 
     def project(self, rows: str, out: str, name: str):  # -> onnx.NodeProto
-        """rows [n, hidden_size] -> logits [n, vocab]. A transposed weight is read through
-        Gemm's transB: no Transpose node to run at every forward (weights are inputs, never
-        constant-folded), and providers that reject a MatMul with B an input take it."""
-        from onnx import helper
-
-        if self.transposed:
-            return helper.make_node("Gemm", [rows, self.weight], [out], transB=1, name=name)
-        return helper.make_node("MatMul", [rows, self.weight], [out], name=name)
+        """The head's node reading `rows`, writing `out`."""
+        node = copy.deepcopy(self.node)
+        node.input[0], node.output[0], node.name = rows, out, name
+        return node
 
 
 def add_scoring_head(g) -> None:
@@ -53,9 +53,11 @@ def add_scoring_head(g) -> None:
     weights = {i.name: i for i in g.input}
     if trans is not None and trans.op_type == "Transpose":
         src = trans.input[0]
-        head = LmHead(hidden, src, True, weights[src].type.tensor_type.shape.dim[1].dim_value)
+        head = LmHead(hidden, helper.make_node("Gemm", ["rows", src], ["logits"], transB=1),
+                      weights[src].type.tensor_type.shape.dim[1].dim_value)
     else:
-        head = LmHead(hidden, w, False, weights[w].type.tensor_type.shape.dim[0].dim_value)
+        head = LmHead(hidden, helper.make_node("MatMul", ["rows", w], ["logits"]),
+                      weights[w].type.tensor_type.shape.dim[0].dim_value)
     g.initializer.append(helper.make_tensor(FLAT_SHAPE, TensorProto.INT64, [2], [-1, head.hidden_size]))
     g.node.remove(producer)
     g.node.extend([
@@ -79,6 +81,4 @@ def lm_head(g) -> LmHead:
     shape = next((i for i in g.initializer if i.name == FLAT_SHAPE), None)
     if len(nodes) < 2 or shape is None:
         raise OrtzoError("the graph has no ortzo scoring head (not written by `ortzo export`)")
-    head = nodes[LM_HEAD]
-    return LmHead(nodes[FLATTEN].input[0], head.input[1], head.op_type == "Gemm",
-                  int(numpy_helper.to_array(shape)[1]))
+    return LmHead(nodes[FLATTEN].input[0], nodes[LM_HEAD], int(numpy_helper.to_array(shape)[1]))
