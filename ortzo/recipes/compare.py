@@ -36,11 +36,12 @@ from ..engines.base import record_type
 from ..errors import OrtzoError
 from ..files import atomic_open, write_json
 from ..memory import estimate, parse_size
-from ..model.manifest import Manifest, hf_config
+from ..model.manifest import MANIFEST, Manifest, hf_config
 from ..optim import steplog
 from ..run.folder import RunFolder
 from ..run.plots import plot_compare
 from .evaluate import evaluate_path
+from .validate import frozen_base
 
 COLUMNS = ("arm", "seed", "model", "engine", "step", "train_seconds", "wall_seconds", "eval_accuracy", "eval_loss",
            "peak_rss_mib", "over_budget")
@@ -120,7 +121,8 @@ def _plan(spec: CompareSpec) -> dict[str, dict[str, Any]]:
             raise OrtzoError(f"arm {arm!r}: give a model or a list of candidate models")
         cfg = RunConfig.build(settings | {"model": candidates[0]}, f"arm {arm!r}: ")
         predicted = {m: estimate(hf_config(m), cfg.batch_size, cfg.max_length, method=_method(cfg),
-                                 optimizer=cfg.optimizer, checkpoint_fraction=cfg.checkpoint_fraction).total
+                                 optimizer=cfg.optimizer, checkpoint_fraction=cfg.checkpoint_fraction,
+                                 **(frozen_base(Manifest.load(m)) if Path(m, MANIFEST).is_file() else {})).total
                      for m in candidates}
         fitting = [m for m in candidates if predicted[m] <= budget or "model" in given]
         if not fitting:
