@@ -158,14 +158,13 @@ class Model:
             self.session.device.upload()
 
     def save_adapter(self, path: str | Path) -> int:
-        """The trained tensors (those `train` chose; before it, every trainable one) of a frozen
+        """The trained tensors (those `train` chose: by default every trainable one) of a frozen
         base as an ONNX Runtime adapter (`.onnx_adapter`), atomically; returns its bytes. Plain
         ORT applies it over the unchanged base with `RunOptions.add_active_adapter`."""
         if self.session.device is not None:
             self.session.device.download()
         self.store.sync()
-        names = getattr(self, "names", None) or list(self.store.arrays)
-        return write_adapter(path, self.manifest, self.folder, {n: self.store.arrays[n] for n in names})
+        return write_adapter(path, self.manifest, self.folder, {n: self.store.arrays[n] for n in self.names})
 
     def load_adapter(self, path: str | Path) -> None:
         """Set the bound tensors to an adapter's (checked to be for this base before anything
