@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .engines.ort import trainable_buffers
 from .errors import OrtzoError
-from .model.adapter import read_adapter, write_adapter
+from .model.adapter import apply_adapter, write_adapter
 from .model.manifest import Manifest, hf_config
 from .model.session import ScoringSession
 from .model.targets import load_target
@@ -169,10 +169,7 @@ class Model:
     def load_adapter(self, path: str | Path) -> None:
         """Set the bound tensors to an adapter's (checked to be for this base before anything
         changes): the model then serves, or goes on training from, the adapter's weights."""
-        for name, value in read_adapter(path, self.manifest, self.folder).items():
-            self.store.arrays[name][...] = value
-            if name in self.store.masters:
-                self.store.masters[name][...] = value
+        apply_adapter(path, self.store, self.folder)
         if self.session.device is not None:
             self.session.device.upload()
 

@@ -137,6 +137,14 @@ def test_bad_inputs_are_one_line(tiny_hf, tiny_model, tiny_data, int4_lora, run,
     other = tmp_path / "other"
     freeze(tiny_model, other, QuantSpec(4, 32, accuracy_level=0), LoraSpec(r=4, alpha=8))  # same tensors, another base
     _expect_error(capsys, ["eval", str(other), "--task", "sst2", *data, "--adapter", str(good)], "made for another base")
+    for name, shape in (("model.norm.weight", (7,)), ("model.norm.nothing", (32,))):  # this base's id, bad tensors
+        fmt = ort.AdapterFormat()
+        fmt.set_model_version(Manifest.load(int4_lora).base["id"])
+        fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ones(shape, np.float32))})
+        fmt.export_adapter(str(tmp_path / "bad.onnx_adapter"))
+        _expect_error(capsys, ["eval", str(int4_lora), "--task", "sst2", *data, "--adapter",
+                               str(tmp_path / "bad.onnx_adapter")], "has shape (7,)" if shape == (7,) else
+                      "is not a trainable tensor")
     corrupt = tmp_path / "corrupt.onnx_adapter"
     corrupt.write_bytes(b"not an adapter" * 10)
     _expect_error(capsys, ["eval", str(int4_lora), "--task", "sst2", *data, "--adapter", str(corrupt)],
@@ -148,6 +156,15 @@ def test_bad_inputs_are_one_line(tiny_hf, tiny_model, tiny_data, int4_lora, run,
     with open(broken / "base.onnx_data", "r+b") as f:
         f.truncate(100)
     _expect_error(capsys, ["eval", str(broken), "--task", "sst2", *data], "the frozen base is corrupt")
+    for key, value, message in (("data", "../int4-lora/base.onnx_data", "is not a file of the folder"),
+                                ("id", "abc", "no valid id"), ("quantize", "int3", "quantized as 'int3'"),
+                                ("block_size", None, "no valid block_size")):
+        hostile = tmp_path / f"hostile-{key}"
+        shutil.copytree(int4_lora, hostile)
+        manifest = json.loads((hostile / "manifest.json").read_text())
+        manifest["base"][key] = value
+        (hostile / "manifest.json").write_text(json.dumps(manifest))
+        _expect_error(capsys, ["eval", str(hostile), "--task", "sst2", *data], message)
 
 
 def test_the_api_saves_and_loads_adapters_that_plain_ort_serves(int4_lora, tiny_data, tmp_path):

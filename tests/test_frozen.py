@@ -195,7 +195,8 @@ def test_a_frozen_folder_holds_only_its_trainable_tensors_in_its_weight_file(tin
 
 
 
-def test_the_memory_model_counts_the_bytes_a_frozen_base_writes(family, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_memory_model_counts_the_bytes_a_frozen_base_writes(family, tmp_path, bits):
     """`ortzo memory --base` (its own arithmetic from the config) against the data file that
     `freeze` writes: quantized matrices, the int8 tables (a tied one in two layouts), and the
     starting values of the vectors and of LoRA on q and v (the memory model counts those twice:
@@ -205,9 +206,9 @@ def test_the_memory_model_counts_the_bytes_a_frozen_base_writes(family, tmp_path
     from ortzo import memory
 
     name, _, fp32 = family
-    m = freeze(fp32, tmp_path / "q", QuantSpec(4, 16), LoraSpec(r=2, targets=tuple(ATTENTION[name].split(","))))
+    m = freeze(fp32, tmp_path / "q", QuantSpec(bits, 16), LoraSpec(r=2, targets=tuple(ATTENTION[name].split(","))))
     terms = memory.frozen_base_bytes(memory.Arch.from_config(json.loads((fp32 / "hf_config.json").read_text())),
-                                     4, 16, lora_rank=2)
+                                     bits, 16, lora_rank=2)
     want = terms["quantized matrices"] + terms["embedding and head"] + (terms["trained vectors (x2)"] +
                                                                          terms["LoRA (x2)"]) // 2
     tensors = len(m.base["frozen"]) * 4 + len(m.parameters)
@@ -223,3 +224,27 @@ def test_accuracy_level_4_stays_near_the_exact_int4_scores(tiny_model, tmp_path)
     a, b = (open_folder(tmp_path / name)[1](feeds) for name in ("level0", "level4"))
     assert 0 < np.abs(a - b).max() < 0.05
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+
+
+def test_export_options_reach_the_graph(tiny_hf, tmp_path):
+    """What `ortzo export` writes with its defaults and with every option changed: the graph's
+    own quantized nodes are the check, not only the manifest's record of them."""
+    from ortzo.cli import main
+
+    def nodes(folder):
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        return {n.op_type: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} | {"inputs": len(n.input)}
+                for n in model.graph.node if n.domain == "com.microsoft"}
+
+    assert main(["export", str(tiny_hf), "--out", str(tmp_path / "default"), "--quantize", "int4"]) == 0
+    base, found = Manifest.load(tmp_path / "default").base, nodes(tmp_path / "default")
+    assert (base["block_size"], base["symmetric"], base["accuracy_level"], base["embedding"]) == (32, False, 4, "int8")
+    assert found["MatMulNBits"]["accuracy_level"] == 4 and found["MatMulNBits"]["block_size"] == 32
+    assert found["GatherBlockQuantized"]["bits"] == 8  # the embedding
+    assert main(["export", str(tiny_hf), "--out", str(tmp_path / "changed"), "--quantize", "int8", "--block-size",
+                 "16", "--symmetric", "--accuracy-level", "0", "--embedding", "stored"]) == 0
+    base, found = Manifest.load(tmp_path / "changed").base, nodes(tmp_path / "changed")
+    assert (base["block_size"], base["symmetric"], base["accuracy_level"], base["embedding"]) == (16, True, 0, "stored")
+    assert "accuracy_level" not in found["MatMulNBits"] and found["MatMulNBits"]["bits"] == 8
+    assert found["MatMulNBits"]["inputs"] == 3  # x, B, scales: symmetric, no zero points
+    assert "GatherBlockQuantized" not in found

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import OrtzoError
 from ..files import TMP_SUFFIX, fsync_dir
 from .manifest import Manifest
+from .weights import WeightStore
 
 SUFFIX = ".onnx_adapter"
 
@@ -79,6 +80,14 @@ def read_adapter(path: str | Path, manifest: Manifest, folder: str | Path) -> di
                          f"{base_id(manifest, folder)})")
     _check(manifest, folder, {n: a.shape for n, a in tensors.items()}, str(path))
     return tensors
+
+
+def apply_adapter(path: str | Path, store: WeightStore, folder: str | Path) -> None:
+    """Set `store`'s tensors (and their fp32 masters) to the adapter's, all checked first."""
+    for name, value in read_adapter(path, store.manifest, folder).items():
+        store.arrays[name][...] = value
+        if name in store.masters:
+            store.masters[name][...] = value
 
 
 def _check(manifest: Manifest, folder: str | Path, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:

@@ -107,12 +107,12 @@ class Manifest:
             if not (Path(folder) / name).is_file():
                 raise OrtzoError(f"model folder {folder} is missing {name}")
         if m.base:
-            data = Path(folder) / str(m.base.get("data"))
+            _check_base(m.base, path)
+            data = Path(folder) / m.base["data"]
             if not data.is_file():
                 raise OrtzoError(f"model folder {folder} is missing {data.name}, its frozen base")
-            if data.stat().st_size != m.base.get("data_bytes"):
-                raise OrtzoError(f"{data} has {data.stat().st_size} bytes, the manifest says "
-                                 f"{m.base.get('data_bytes')}: "
+            if data.stat().st_size != m.base["data_bytes"]:
+                raise OrtzoError(f"{data} has {data.stat().st_size} bytes, the manifest says {m.base['data_bytes']}: "
                                  "the frozen base is corrupt or not this folder's")
         if m.ort_graph and not (Path(folder) / m.ort_graph).is_file():
             raise OrtzoError(f"model folder {folder} is missing {m.ort_graph} (run `ortzo mobile {folder}`)")
@@ -135,6 +135,22 @@ class Manifest:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+def _check_base(base: dict[str, Any], path: Path) -> None:
+    """A frozen base's record (ortzo.model.frozen): its data a file of the folder itself, its
+    size, checksum and id of the right types, its quantization one ortzo writes."""
+    types = {"data": str, "data_bytes": int, "data_sha256": str, "id": int, "quantize": str, "frozen": list}
+    bad = [k for k, t in types.items() if not isinstance(base.get(k), t) or isinstance(base.get(k), bool)]
+    if bad:
+        raise OrtzoError(f"corrupt manifest {path}: its base has no valid {', '.join(bad)}")
+    if Path(base["data"]).name != base["data"] or base["data"] in ("", ".", ".."):
+        raise OrtzoError(f"corrupt manifest {path}: its base data {base['data']!r} is not a file of the folder")
+    if base["quantize"] not in ("none", "int4", "int8"):
+        raise OrtzoError(f"corrupt manifest {path}: its base is quantized as {base['quantize']!r}")
+    if base["quantize"] != "none" and not (isinstance(base.get("block_size"), int)
+                                           and isinstance(base.get("symmetric"), bool)):
+        raise OrtzoError(f"corrupt manifest {path}: its {base['quantize']} base has no valid block_size or symmetric")
 
 
 def aligned(offset: int) -> int:

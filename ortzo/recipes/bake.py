@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import RECORDED, RunConfig
 from ..engines.base import record_type
 from ..errors import OrtzoError
-from ..model.adapter import read_adapter
+from ..model.adapter import apply_adapter
 from ..model.bake import write_baked
 from ..model.manifest import MANIFEST, Manifest
 from ..model.targets import load_target
@@ -40,8 +40,7 @@ def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool
         raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")
     folder, store, _ = weights_at(path, step, say)
     if adapter is not None:
-        for name, value in read_adapter(adapter, store.manifest, folder).items():
-            store.arrays[name][...] = value
+        apply_adapter(adapter, store, folder)
     write_baked(folder, store, out, force, reads=(path,), say=say)
     return store.manifest
 

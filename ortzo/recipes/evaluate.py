@@ -12,7 +12,7 @@ from typing import Any
 from ..config import RECORDED, EvalOptions, RunConfig
 from ..engines.base import Engine, record_type
 from ..errors import OrtzoError
-from ..model.adapter import read_adapter
+from ..model.adapter import apply_adapter
 from ..model.manifest import MANIFEST
 from ..optim import steplog
 from ..run import checkpoint
@@ -36,8 +36,7 @@ def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
         setup = prepare(cfg, load_task(cfg.task, cfg.template), say=stderr)
         store = setup.load_store()
         if opts.adapter is not None:
-            for name, value in read_adapter(opts.adapter, setup.manifest, path).items():
-                store.arrays[name][...] = value
+            apply_adapter(opts.adapter, store, path)
         engine, steps = setup.engine(store), 0
     elif opts.adapter is not None:
         raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,22 +93,14 @@ def forwards_in_turn(models: list[Path], batch_size: int, seq_len: int, n: int) 
     and a frozen int4 base), timed in turn (A B A B ...) in this process on one batch."""
     batch = random_batch(batch_size, seq_len, vocab_size(models[0]))
     sessions = {str(m): ScoringSession(m, WeightStore.load(m, Manifest.load(m)), load_target("cpu")) for m in models}
-    for session in sessions.values():
-        session(batch.feeds)  # warm-up: ORT allocates its arenas on the first run
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(n):
-        for name, session in sessions.items():
-            t = time.perf_counter()
-            session(batch.feeds)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return _in_turn({name: lambda _, s=s: s(batch.feeds) for name, s in sessions.items()}, n)
 
 
 def interleaved(model: Path, engines: list[str], batch_size: int, seq_len: int, n: int) -> dict[str, float]:
     """Median step seconds of each engine, timed in turn (A B C A B C ...) in this process, so
     that a drift of the machine's speed touches every engine alike."""
     batch = random_batch(batch_size, seq_len, vocab_size(model))
-    return _in_turn({name: engine_on(model, name, batch) for name in engines}, n)
+    return _in_turn(_steps({name: engine_on(model, name, batch) for name in engines}), n)
 
 
 def graph_formats(model: Path, target: str, formats: list[str], batch_size: int, seq_len: int,
@@ -115,18 +108,23 @@ def graph_formats(model: Path, target: str, formats: list[str], batch_size: int,
     """Median step seconds of the ORT engine on each graph format (`model.onnx`, `model.ort`)
     under one target's providers and session options, timed in turn in this process."""
     batch, base = random_batch(batch_size, seq_len, vocab_size(model)), load_target(target)
-    return _in_turn({f: engine_on(model, "ort", batch, variant=replace(base, format=f)) for f in formats}, n)
+    return _in_turn(_steps({f: engine_on(model, "ort", batch, variant=replace(base, format=f)) for f in formats}), n)
 
 
-def _in_turn(opened: dict[str, Engine], n: int) -> dict[str, float]:
-    """One warm-up step each, then `n` rounds of one step each (A B A B ...): median seconds."""
-    for e in opened.values():
-        e.step(0, LR)
-    times: dict[str, list[float]] = {name: [] for name in opened}
+def _steps(engines: dict[str, Engine]) -> dict[str, Callable[[int], object]]:
+    """Each engine's step k at LR, as `_in_turn` calls it."""
+    return {name: lambda k, e=e: e.step(k, LR) for name, e in engines.items()}
+
+
+def _in_turn(calls: dict[str, Callable[[int], object]], n: int) -> dict[str, float]:
+    """One warm-up call each (k = 0), then `n` rounds of one call each (A B A B ...): median seconds."""
+    for call in calls.values():
+        call(0)
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for k in range(1, n + 1):
-        for name, e in opened.items():
+        for name, call in calls.items():
             t = time.perf_counter()
-            e.step(k, LR)
+            call(k)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(t) for name, t in times.items()}
 
