@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup test demo bench bench-bases int4-sst2 bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
+.PHONY: setup genai-builder genai-smollm2 test demo bench bench-bases int4-sst2 bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,19 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
-	$(PY) -m pytest -q
+# onnxruntime-genai's model builder, for the app-side folders that `ortzo prepare` takes: it needs
+# transformers 5 (Optimum's export pins 4.57), so it gets an environment of its own, as an app's
+# build has. tests/test_genai.py builds its tiny model with it.
+GENAI_VENV ?= .venv-genai
+$(GENAI_VENV)/.installed:
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q torch==2.13.0 transformers==5.25.0 onnx-ir==1.1.0 onnxruntime-genai==0.18.0
+	touch $@
+
+genai-builder: $(GENAI_VENV)/.installed
+
+test: setup genai-builder
+	ORTZO_GENAI_PYTHON=$(GENAI_VENV)/bin/python $(PY) -m pytest -q
 
 $(MODEL)/manifest.json: | setup
 	$(VENV)/bin/ortzo export smollm2-135m --out $(MODEL) --force
@@ -122,3 +133,19 @@ mutation: setup
 
 clean:
 	rm -rf runs $(MODEL) mutants
+
+# Issue 25: the model an app ships. SmolLM2 through onnxruntime-genai's model builder (int4, KV cache),
+# `ortzo prepare`d as it is, the default SST-2 recipe for 10 minutes (configs/genai-sst2.toml), its
+# adapter written, and the app's greedy text for a review without and with it (onnxruntime-genai).
+GENAI_HF := models/smollm2-135m-hf
+GENAI_OG := models/smollm2-135m-genai
+GENAI_TRAINABLE := models/smollm2-135m-genai-trainable
+GENAI_RUN := runs/genai-sst2/genai-norms-demos/seed-0
+genai-smollm2: setup genai-builder
+	$(PY) examples/genai/hf_folder.py smollm2-135m $(GENAI_HF)
+	$(GENAI_VENV)/bin/python -m onnxruntime_genai.models.builder -m smollm2 -i $(GENAI_HF) -o $(GENAI_OG) -p int4 -e cpu -c $(GENAI_HF)/cache
+	$(VENV)/bin/ortzo prepare $(GENAI_OG) --out $(GENAI_TRAINABLE) --force
+	$(VENV)/bin/ortzo eval $(GENAI_TRAINABLE) --task sst2 --data $(DATA)/sst2
+	$(VENV)/bin/ortzo compare configs/genai-sst2.toml --out runs/genai-sst2
+	$(VENV)/bin/ortzo adapter $(GENAI_RUN) --out runs/genai-sst2/sst2.onnx_adapter
+	$(PY) examples/genai/generate.py $(GENAI_TRAINABLE) "Review: an unflinching, moving portrait of grief.\nSentiment:" sst2=runs/genai-sst2/sst2.onnx_adapter

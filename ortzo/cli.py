@@ -159,7 +159,9 @@ def _bench_export(a: argparse.Namespace) -> None:
     from .recipes.bench_export import bench_export
 
     o = BenchExportOptions.build(config.given(a, BenchExportOptions))
-    bench_export(o.model, Path(o.work), o.random, o.layers, o.source_dtype, o.dtype, o.shard_mib, o.short_layers)
+    base = o.model_dump(include=set(config.FrozenBaseOptions.model_fields))
+    bench_export(o.model, Path(o.work), o.random, o.layers, o.source_dtype, o.dtype, o.shard_mib, o.short_layers,
+                 base if o.quantize != "none" or o.lora else None, o.steps)
 
 
 def _targets(a: argparse.Namespace) -> None:

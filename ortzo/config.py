@@ -359,7 +359,8 @@ class PlacementOptions(Settings):
 
 
 class PrepareOptions(FrozenBaseOptions):
-    model: str = setting(..., "an ONNX model exported by any tool (.onnx; external data beside it is read too)")
+    model: str = setting(..., "an ONNX model exported by any tool (.onnx; external data beside it is read too), "
+                         "or an onnxruntime-genai model folder (genai_config.json: its int4 decoder)")
     out: str = setting(..., "the trainable model folder to write")
     tokenizer: str | None = setting(None, "a tokenizers tokenizer.json to copy into the folder; default: the "
                                     "tokenizer.json beside the model, if there is one")
@@ -405,8 +406,9 @@ class BenchOptions(Settings):
                                    "and of the default recipe's steps, one process each")
 
 
-class BenchExportOptions(Settings):
-    """`ortzo bench-export`: peak RSS of a whole export against 0.3 x the fp32 weight bytes + 2 GB."""
+class BenchExportOptions(FrozenBaseOptions):
+    """`ortzo bench-export`: peak RSS of a whole export against 0.3 x the fp32 weight bytes + 2 GB;
+    with a frozen base, then the peak RSS and time of a few fine-tuning steps."""
 
     model: str = setting("llama2-7b", "alias or path to export; with --random, the alias whose config the random "
                          "checkpoint takes")
@@ -418,6 +420,9 @@ class BenchExportOptions(Settings):
     dtype: Literal["float32", "float16"] = setting("float32", "the folder's weight dtype")
     shard_mib: int = setting(4096, "--random: the checkpoint's shard size", ge=1)
     short_layers: int = setting(2, "--random: layers of the truncated copy scored against PyTorch", ge=1)
+    steps: int = setting(0, "with --quantize or --lora: then this many steps of ortzo finetune (batch 1 x 64 tokens, "
+                            "the LoRA and vectors trained) in a process of their own: peak RSS, seconds a step and "
+                            "the memory model's prediction", ge=0)
 
 
 class MemoryOptions(Settings):

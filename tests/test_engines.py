@@ -228,3 +228,74 @@ def test_engine_options_are_checked(tiny_model, tiny_data, tmp_path, tiny_model_
                  str(tmp_path / "r"), "--engine", "torch-bp"]) == 2
     assert "need a float32 export" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def lora_bases(tiny_model, tmp_path_factory):
+    """The tiny model's frozen bases with LoRA on q and v: fp32 matrices, and int4 at accuracy
+    level 0 (fp32 compute from the dequantized blocks, so ORT and PyTorch agree closely)."""
+    from ortzo.model.frozen import freeze
+    from ortzo.model.lora import LoraSpec
+    from ortzo.model.quantize import QuantSpec
+
+    root = tmp_path_factory.mktemp("lora-bases")
+    spec = LoraSpec.parse("r=4,alpha=8,targets=*q_proj,*v_proj")
+    freeze(tiny_model, root / "fp32", None, spec)
+    freeze(tiny_model, root / "int4", QuantSpec(4, 16, accuracy_level=0), spec)
+    return root
+
+
+@pytest.mark.parametrize("base,atol", [("fp32", 2e-5), ("int4", 1e-4)])
+def test_torch_baselines_over_a_frozen_base_score_what_ort_scores(lora_bases, tiny_data, base, atol):
+    """The PyTorch model rebuilt from the base (int4 matrices dequantized) with the LoRA hooked
+    on: with B != 0 its scores equal the ORT graph's, for backprop and torch-mezo alike."""
+    results = {}
+    for engine in ENGINES:
+        setup = _setup(lora_bases / base, tiny_data, engine=engine, include=["*"])
+        store = setup.load_store()
+        rng = np.random.default_rng(3)
+        for name, arr in store.arrays.items():
+            if name.endswith("lora_B.weight"):
+                arr[...] = rng.normal(0, 0.5, arr.shape)
+        e = setup.engine(store)
+        results[engine] = e.score(setup.train_batch(0).feeds)
+    assert np.abs(results["ort"]).max() > 0
+    for engine in ENGINES[1:]:
+        np.testing.assert_allclose(results[engine], results["ort"], rtol=0, atol=atol, err_msg=engine)
+
+
+def test_backprop_over_a_frozen_base_trains_the_lora_as_autograd_does(tiny_hf, lora_bases, tiny_data):
+    """One SGD step of torch-bp on the LoRA and vectors of the fp32 base: each tensor moves by
+    -lr x the gradient that autograd gives on the Hugging Face model with the LoRA branch added
+    here (A random, B = 0 at the start: only B and the vectors get a gradient through it)."""
+    lr = 0.5
+    setup = _setup(lora_bases / "fp32", tiny_data, engine="torch-bp", optimizer="sgd", lr=lr, weight_decay=0.0,
+                   include=["*"])
+    store = setup.load_store()
+    start = {n: a.copy() for n, a in store.arrays.items()}  # the folder's layout: A [in, r], B [r, out]
+    engine = setup.engine(store)
+    record = engine.step(0, lr)
+
+    model, candidate_loss = _reference(tiny_hf)
+    modules = dict(model.named_modules())
+    lora = {}
+    for name in start:
+        if name.endswith("lora_A.weight"):
+            module = name.removesuffix(".lora_A.weight")
+            a = torch.tensor(start[name], requires_grad=True)                           # [in, r]
+            b = torch.tensor(start[f"{module}.lora_B.weight"], requires_grad=True)      # [r, out]
+            lora[module] = (a, b)
+            modules[module].register_forward_hook(lambda m, args, out, a=a, b=b: out + 2.0 * (args[0] @ a) @ b)
+    ref = candidate_loss(setup.train_batch(0))
+    ref.backward()
+    assert record.loss == pytest.approx(ref.item(), abs=1e-6)
+    params = dict(model.named_parameters())
+    moved = 0
+    for name, before in start.items():
+        module = name.rsplit(".lora_", 1)[0]
+        grad = (lora[module][0 if ".lora_A." in name else 1].grad if ".lora_" in name else params[name].grad).numpy()
+        want = before - lr * grad
+        got = engine.store.arrays[name]
+        np.testing.assert_allclose(got.T if ".lora_" in name else got, want, rtol=0, atol=1e-6, err_msg=name)
+        moved += bool(np.abs(want - before).max() > 1e-4)
+    assert moved > len(lora)  # B of every module and the vectors moved

@@ -25,6 +25,9 @@ HEADS = {
     "phi3": ("model.embed_tokens.weight", "lm_head.weight"),
     "mistral": ("model.embed_tokens.weight", "lm_head.weight"),
     "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight"),
+    "phi": ("model.embed_tokens.weight", "lm_head.weight"),
+    "gemma2": ("model.embed_tokens.weight", None),
+    "cohere": ("model.embed_tokens.weight", None),
 }
 CANDIDATES = np.array([7, 40, 99])
 
@@ -128,3 +131,16 @@ def test_the_pytorch_engines_module_computes_the_same_scores(exported):
     with torch.inference_mode():
         got = scores(load_module(out, store), feeds).numpy()
     np.testing.assert_allclose(got, session(feeds), rtol=0, atol=3e-5, err_msg=family)
+
+
+def test_the_pytorch_baselines_score_what_the_graph_scores(exported):
+    """The PyTorch engines' head (torch_model.scores: the lm head on the scored rows, then what
+    the family's forward does to logits: a bias, a soft-cap, a logit scale) equals the graph's."""
+    from ortzo.engines.torch_model import scores
+
+    family, _, out, model = exported
+    _, session = open_folder(out)
+    feeds = _ragged_feeds()
+    with torch.no_grad():
+        got = scores(model, feeds).numpy()
+    np.testing.assert_allclose(got, session(feeds), rtol=0, atol=2e-5, err_msg=family)

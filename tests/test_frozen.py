@@ -24,7 +24,8 @@ from tiny import FAMILIES
 # each family's attention projections, as PEFT names its modules
 ATTENTION = {"llama": "*q_proj,*v_proj", "gemma3": "*q_proj,*v_proj", "qwen2": "*q_proj,*v_proj",
              "qwen3": "*q_proj,*v_proj", "mistral": "*q_proj,*v_proj", "opt": "*q_proj,*v_proj",
-             "phi3": "*qkv_proj", "gpt2": "*c_attn", "gpt_neox": "*query_key_value"}
+             "phi3": "*qkv_proj", "gpt2": "*c_attn", "gpt_neox": "*query_key_value", "phi": "*q_proj,*v_proj",
+             "gemma2": "*q_proj,*v_proj", "cohere": "*q_proj,*v_proj"}
 
 
 def _torch_scores(model, feeds) -> np.ndarray:
@@ -202,6 +203,10 @@ def test_the_memory_model_counts_the_bytes_a_frozen_base_writes(family, tmp_path
     starting values of the vectors and of LoRA on q and v (the memory model counts those twice:
     the trained buffer and ORT's default), up to each tensor's 64-byte alignment."""
     import json
+
+    from ortzo import memory
+    if family[0] not in memory.FAMILIES:
+        pytest.skip(f"the memory model has no architecture for {family[0]} yet")
 
     from ortzo import memory
 

@@ -61,6 +61,12 @@ def make_tiny_llama(folder: Path, seed: int = 0, tie: bool = True) -> Path:
                   tie_word_embeddings=tie, **SIZES)
 
 
+def make_tiny_llama_genai(folder: Path, seed: int = 0) -> Path:
+    """A Llama whose heads are 16 wide, as onnxruntime-genai's GroupQueryAttention needs on CPU."""
+    return _build("LlamaForCausalLM", "LlamaConfig", folder, seed, vocab_size=VOCAB, num_key_value_heads=2,
+                  tie_word_embeddings=False, **SIZES | {"hidden_size": 64, "intermediate_size": 128})
+
+
 def make_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
     """No position_ids in Optimum's config, a scaled tied embedding, a sliding window of 4, and
     norms that scale by (1 + weight), hence weights around 0."""
@@ -113,10 +119,29 @@ def make_tiny_gpt_neox(folder: Path, seed: int = 0) -> Path:
                   tie_word_embeddings=False, **SIZES)
 
 
+def make_tiny_phi(folder: Path, seed: int = 0) -> Path:
+    """The head has a bias; partial rotary; LayerNorm with biases."""
+    return _build("PhiForCausalLM", "PhiConfig", folder, seed, vocab_size=VOCAB, partial_rotary_factor=0.5,
+                  tie_word_embeddings=False, **SIZES)
+
+
+def make_tiny_gemma2(folder: Path, seed: int = 0) -> Path:
+    """A final logit soft-cap small enough to bend the scores (tanh(x / 2) x 2), attention soft-cap."""
+    return _build("Gemma2ForCausalLM", "Gemma2Config", folder, seed, norm_mean=0.0, vocab_size=VOCAB,
+                  num_key_value_heads=2, head_dim=8, sliding_window=4, final_logit_softcapping=2.0,
+                  attn_logit_softcapping=5.0, tie_word_embeddings=True, pad_token_id=1, **SIZES)
+
+
+def make_tiny_cohere(folder: Path, seed: int = 0) -> Path:
+    """Logits scaled by a logit scale; tied; parallel attention and MLP."""
+    return _build("CohereForCausalLM", "CohereConfig", folder, seed, vocab_size=VOCAB, num_key_value_heads=2,
+                  logit_scale=0.25, tie_word_embeddings=True, pad_token_id=1, **SIZES)
+
+
 FAMILIES: dict[str, Callable[..., Path]] = {
     "llama": make_tiny_llama, "gemma3": make_tiny_gemma3, "gpt2": make_tiny_gpt2, "opt": make_tiny_opt,
     "qwen2": make_tiny_qwen2, "qwen3": make_tiny_qwen3, "phi3": make_tiny_phi3, "mistral": make_tiny_mistral,
-    "gpt_neox": make_tiny_gpt_neox,
+    "gpt_neox": make_tiny_gpt_neox, "phi": make_tiny_phi, "gemma2": make_tiny_gemma2, "cohere": make_tiny_cohere,
 }
 
 

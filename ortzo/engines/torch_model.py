@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import OrtzoError
+from ..model.dequantize import frozen_tensors
 from ..model.manifest import Manifest, hf_config
 from ..tasks.batches import Batch
 from ..model.weights import WeightStore
@@ -34,7 +35,7 @@ def load_module(model_dir: Path, store: WeightStore) -> nn.Module:
     _no_dropout(config)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="sdpa")
-    _bind(model, manifest, store)
+    _bind(model, manifest, store, model_dir)
     return model.eval()
 
 
@@ -63,22 +64,49 @@ def _no_dropout(config) -> None:
             setattr(config, key, 0.0)
 
 
-def _bind(model: nn.Module, manifest: Manifest, store: WeightStore) -> None:
+def _bind(model: nn.Module, manifest: Manifest, store: WeightStore, model_dir: Path) -> None:
     """Replace every parameter by a view of the store's array (the store rewritten in PyTorch's
-    layout first); tie what the model ties; check that nothing was left out."""
+    layout first), or for a frozen base by its matrix read back (model/dequantize.py), with its
+    LoRA attached; tie what the model ties; check that nothing was left out."""
     store.to_torch_layout()
     modules = dict(model.named_modules())
-    for p in manifest.parameters:
-        owner, _, attr = p.name.rpartition(".")
+    lora = _attach_lora(modules, manifest, store)
+    frozen = dict(frozen_tensors(model_dir, manifest)) if manifest.base else {}
+    values = {p.name: store.arrays[p.name] for p in manifest.parameters if p.name not in lora} | frozen
+    for name, value in values.items():
+        owner, _, attr = name.rpartition(".")
         if owner not in modules or attr not in modules[owner]._parameters:
-            raise OrtzoError(f"{p.name} of the trainable folder is not a parameter of the PyTorch model")
-        modules[owner]._parameters[attr] = nn.Parameter(torch.from_numpy(store.arrays[p.name]), requires_grad=False)
+            raise OrtzoError(f"{name} of the trainable folder is not a parameter of the PyTorch model")
+        modules[owner]._parameters[attr] = nn.Parameter(torch.from_numpy(value), requires_grad=False)
     model.tie_weights()
     lo = store.buffer.ctypes.data
     hi = lo + store.buffer.nbytes
-    outside = [n for n, t in model.named_parameters() if not lo <= t.data_ptr() < hi]
+    outside = [n for n, t in model.named_parameters() if not lo <= t.data_ptr() < hi and n not in frozen]
     if outside:
         raise OrtzoError(f"the trainable folder has no weights for {', '.join(outside)}")
+
+
+def _attach_lora(modules: dict[str, nn.Module], manifest: Manifest, store: WeightStore) -> set[str]:
+    """A frozen base's LoRA on its modules: y = W x + (alpha / r) B (A x), A [r, in] and B
+    [out, r] views of the store (PEFT's layout and names, `<module>.lora_A.weight`), as the ORT
+    graph computes it. Returns the tensors' names."""
+    spec = (manifest.base or {}).get("lora")
+    if not spec:
+        return set()
+    scale = float(spec["alpha"]) / int(spec["r"])
+    names = set()
+    for module in spec["modules"]:
+        linear = modules.get(module)
+        if linear is None:
+            raise OrtzoError(f"the base's LoRA module {module} is not a module of the PyTorch model")
+        for part in ("lora_A", "lora_B"):
+            holder = nn.Module()
+            holder.weight = nn.Parameter(torch.from_numpy(store.arrays[f"{module}.{part}.weight"]), requires_grad=False)
+            linear.add_module(part, holder)
+            names.add(f"{module}.{part}.weight")
+        linear.register_forward_hook(lambda m, args, out: out + scale * nn.functional.linear(
+            nn.functional.linear(args[0], m.lora_A.weight), m.lora_B.weight))
+    return names
 
 
 def scores(model: nn.Module, feeds: dict[str, np.ndarray]) -> torch.Tensor:
@@ -89,8 +117,20 @@ def scores(model: nn.Module, feeds: dict[str, np.ndarray]) -> torch.Tensor:
                   attention_mask=torch.from_numpy(feeds["attention_mask"]),
                   position_ids=torch.from_numpy(feeds["position_ids"]), use_cache=False).last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(feeds["score_index"])]
-    logits = model.get_output_embeddings()(rows)
+    logits = _finish(model.config, model.get_output_embeddings()(rows))
     return torch.log_softmax(logits.float(), -1).gather(1, torch.from_numpy(feeds["score_ids"]))
+
+
+def _finish(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the causal LM's forward does to the head's output (the graph's head tail does the
+    same): Cohere's logit scale, Granite's division, Gemma 2's final soft-cap."""
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    return logits
 
 
 def word_scores(model: nn.Module, batch: Batch) -> torch.Tensor:

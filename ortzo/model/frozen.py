@@ -9,15 +9,17 @@ input and an initializer holding its starting value (an "overridable initializer
 graph also runs as a plain inference model without them, and an ORT adapter (model/adapter.py)
 sets them per request over the unchanged base.
 
-The source folder is read one tensor at a time (a memory map of its weight file) and the
+The source folder is read one tensor at a time (pread(2) of its weight file) and the
 frozen data is written one tensor at a time (model/external.py), so freezing a 7B folder holds
 one matrix, not the model. Needs onnx (the export extra).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -52,10 +54,12 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
         raise OrtzoError(f"{src} already has a frozen base ({m.base['quantize']}); freeze the folder it came from")
     model = onnx.load(str(src / m.graph), load_external_data=False)
     g = model.graph
-    source = np.memmap(src / m.weights, np.uint8, mode="r")
-
     def value(p: Parameter) -> np.ndarray:
-        return np.asarray(source[p.offset:p.offset + p.nbytes].view(p.dtype).reshape(p.shape))
+        """The source's tensor `p`, read with pread: a map's touched pages would count in RSS."""
+        buf = bytearray(p.nbytes)
+        if os.preadv(source, [buf], p.offset) != p.nbytes:
+            raise OrtzoError(f"{src / m.weights} ends inside {p.name}: the folder's weight file is truncated")
+        return np.frombuffer(buf, p.dtype).reshape(p.shape)
 
     trained = [p for p in m.parameters if len(p.shape) == 1]  # the vectors
     frozen = {p.name: p for p in m.parameters if len(p.shape) != 1}
@@ -81,7 +85,8 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
     # as their starting values, into the data file too
     out.mkdir(parents=True, exist_ok=True)
     weights = FlatWriter(out / WEIGHTS)
-    with atomic_open(out / BASE_DATA, "wb") as f:
+    source = os.open(src / m.weights, os.O_RDONLY)
+    with atomic_open(out / BASE_DATA, "wb") as f, _closing(source):
         data = DataFile(f, BASE_DATA)
         inits = [data.add(p.name, value(p)) for p in frozen.values() if p.name not in bits]
         nodes, added = _rewrite(g, matmuls, read_transposed, bits, tables, targets, quant, lora, frozen, value, data,
@@ -119,16 +124,25 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
         "data": BASE_DATA, "data_bytes": data.size, "data_sha256": data.sha256,
         "id": int(hashlib.sha256(graph_bytes + data.sha256.encode()).hexdigest()[:7], 16),  # an adapter's model version
         **(quant.to_json() if quant else {"quantize": "none"}),
-        "frozen": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype,
+        "frozen": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "transposed": p.transposed,
                     "stored": f"int{bits[p.name]}" if p.name in bits else p.dtype}
                    | ({"k_n": list(kn[p.name] if p.name in kn else p.shape[::-1]),
                        "stored_out_in": p.name in read_transposed or p.name in tables} if p.name in bits else {})
-                   for p in frozen.values()],  # k_n: as MatMulNBits reads it; stored_out_in: held [N, K]
+                   for p in frozen.values()],  # k_n: as MatMulNBits reads it; stored_out_in: held [N, K];
+        # transposed: the folder's layout is PyTorch's transposed (model/dequantize.py reads it back)
         "lora": lora.to_json() | {"modules": [lora_graph.module(n) for n in added]} if lora else None}
     manifest = replace(m, weights=WEIGHTS, weights_sha256=weights_sha256, weights_bytes=weights.size,
                        parameters=tuple(params), base=base, logits_graph=None, ort_graph=None)
     manifest.save(out)
     return write_logits_graph(out) if m.logits_graph else manifest  # a prepared folder has no scoring head
+
+
+@contextmanager
+def _closing(fd: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _replace(items: Any, new: list[Any]) -> None:

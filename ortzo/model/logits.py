@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OrtzoError
 from ..files import atomic_open
-from .export.head import FLAT_SHAPE, INPUTS, NODES, LmHead, lm_head
+from .export.head import FLAT_SHAPE, INPUTS, NODES, TAIL, LmHead, lm_head
 from .manifest import Manifest
 
 if TYPE_CHECKING:
@@ -40,14 +40,14 @@ def logits_graph(folder: str | Path) -> onnx.ModelProto:
     except OrtzoError as e:
         raise OrtzoError(f"{path}: {e}") from None
     vocab = _vocab(g, head)
-    _keep(g.node, lambda n: n.name not in NODES)
+    _keep(g.node, lambda n: n.name not in NODES and not n.name.startswith(TAIL))
     _keep(g.input, lambda i: i.name not in INPUTS)
     _keep(g.initializer, lambda i: i.name != FLAT_SHAPE)
     g.initializer.extend([helper.make_tensor("logits/flat_shape", TensorProto.INT64, [2], [-1, head.hidden_size]),
                           helper.make_tensor("logits/vocab", TensorProto.INT64, [1], [vocab])])
     g.node.extend([
         helper.make_node("Reshape", [head.hidden, "logits/flat_shape"], ["logits/flat_hidden"], name="logits/flatten"),
-        head.project("logits/flat_hidden", "logits/flat_logits", "logits/lm_head"),
+        *head.project("logits/flat_hidden", "logits/flat_logits", "logits/lm_head"),
         helper.make_node("Shape", [IDS], ["logits/batch_seq"], name="logits/batch_seq"),
         helper.make_node("Concat", ["logits/batch_seq", "logits/vocab"], ["logits/shape"], axis=0, name="logits/shape"),
         helper.make_node("Reshape", ["logits/flat_logits", "logits/shape"], [OUTPUT], name="logits/unflatten"),

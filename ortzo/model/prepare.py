@@ -1,6 +1,7 @@
 """`ortzo prepare`: bring your own ONNX model. Any tool's export (Optimum's text-classification
 export of a BERT, say) becomes a trainable model folder, so that ortzo fine-tunes the model an
-app already ships instead of one it exports itself.
+app already ships instead of one it exports itself. An onnxruntime-genai folder (the model
+builder's int4 decoder with its KV cache) is model/genai.py's.
 
 Which initializers become parameters: every initializer of the main graph that is a float32 or
 float16 tensor with at least two elements. Those are what an exporter stores weights as
@@ -37,14 +38,21 @@ MIN_ELEMENTS = 2
 
 def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None = None,
             force: bool = False, quant: QuantSpec | None = None, lora: LoraSpec | None = None) -> Path:
-    """Turn the ONNX model `onnx_path` into the trainable folder `out` (see the module's rule);
-    copy `tokenizer` (default: a tokenizer.json beside the model) if there is one; with `quant`
-    or `lora`, freeze its base (model/frozen.py). Returns `out`."""
+    """Turn the ONNX model `onnx_path` (or an onnxruntime-genai folder) into the trainable folder
+    `out` (see the module's rule); copy `tokenizer` (default: a tokenizer.json beside the model)
+    if there is one; with `quant` or `lora`, freeze its base (model/frozen.py). Returns `out`."""
     import onnx
 
     from .export.convert import GRAPH, WEIGHTS
+    from .genai import is_genai_folder, prepare_genai
 
     src, out = Path(onnx_path), Path(out)
+    if is_genai_folder(src):
+        if quant is not None:
+            raise OrtzoError(f"{src} is an onnxruntime-genai folder, quantized by its builder already: drop --quantize")
+        if tokenizer is not None:
+            raise OrtzoError(f"{src} is an onnxruntime-genai folder with its own tokenizer: drop --tokenizer")
+        return prepare_genai(src, out, lora, force)
     model = _load(src)
     g = model.graph
     names = {i.name: i.name for i in g.initializer if _is_parameter(i)}

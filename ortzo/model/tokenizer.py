@@ -12,6 +12,7 @@ class Tokenizer:
         self.backend = _Backend.from_file(str(Path(folder) / info.get("file", "tokenizer.json")))
         self.bos_id: int | None = info.get("bos_id") if info.get("add_bos") else None
         self.pad_id: int = int(info.get("pad_id") or 0)
+        self.pad_right = info.get("padding_side") == "right"  # onnxruntime-genai's decoders (model/genai.py)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as the model saw it in training: the start token if it uses one."""

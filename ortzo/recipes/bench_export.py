@@ -27,16 +27,23 @@ from ..memory import alias_config
 from .measure import peak_rss_mib
 
 SOURCE, FOLDER, SHORT, SHORT_FOLDER = "source", "trainable", "short-source", "short-trainable"
+FROZEN, TASK, RUN = "frozen", "task", "run"
+TOKENS = 64  # a step's batch: one row of this many tokens
 COMPLETE = ".complete"
 BUDGET_FRACTION, BUDGET_FIXED = 0.3, 2 * 10**9
 CANDIDATES = [1, 2, 3]
 
 
 def bench_export(model: str, work: Path, random: bool, layers: int | None, source_dtype: str, dtype: str,
-                 shard_mib: int, short_layers: int) -> dict[str, Any]:
-    """Export, check and report; returns the report (also written to `work`/report.json)."""
+                 shard_mib: int, short_layers: int, base: dict[str, Any] | None = None,
+                 steps: int = 0) -> dict[str, Any]:
+    """Export, check and report; returns the report (also written to `work`/report.json).
+    `base`: the frozen-base options (config.FrozenBaseOptions) to export with; then `steps`
+    fine-tuning steps are measured too."""
+    if steps and base is None:
+        raise OrtzoError("--steps measures fine-tuning over a frozen base: give --quantize or --lora too")
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"model": model, "random": random, "dtype": dtype}
+    report: dict[str, Any] = {"model": model, "random": random, "dtype": dtype, "base": base}
     if random:
         config = _random_config(model, layers)
         source = work / SOURCE
@@ -52,9 +59,9 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
         what = str(source)
     else:
         what = model
-    out = work / FOLDER
-    print(f"ortzo export {what} --out {out} (child process) ...", flush=True)
-    e = _child(["export", what, str(out), dtype])
+    out = work / (FOLDER if base is None else FROZEN)
+    print(f"ortzo export {what} --out {out}{' (a frozen base)' if base else ''} (child process) ...", flush=True)
+    e = _child(["export", what, str(out), dtype, json.dumps(base)])
     fp32 = e["fp32_bytes"]
     limit = BUDGET_FRACTION * fp32 + BUDGET_FIXED
     report |= {"export_s": round(e["seconds"], 1), "peak_rss_gib": round(e["peak_rss_mib"] / 1024, 2),
@@ -64,7 +71,10 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
           f"{report['peak_vs_fp32_weights']:.3f} x the {fp32 / 1e9:.2f} GB of fp32 weights "
           f"(limit 0.3 x + 2 GB = {limit / 2**30:.2f} GiB: {'within' if report['within_limit'] else 'OVER'})",
           flush=True)
-    if random:
+    if base is not None:  # its tensors are quantized: tests/test_frozen.py checks them against PyTorch
+        if steps:
+            report |= _finetune_report(out, work, steps)
+    elif random:
         print("checking the folder against the source ...", flush=True)
         c = _child(["check", str(out), str(work / SOURCE)])
         report |= {"tensors": c["tensors"], "tensors_equal": c["equal"], "sha256_ok": c["sha256_ok"]}
@@ -80,6 +90,24 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
               f"{s['max_abs_diff']:.2e}; their tensors equal the full folder's: {s['equal_to_full']}", flush=True)
     write_json(work / "report.json", report)
     return report
+
+
+def _finetune_report(folder: Path, work: Path, steps: int) -> dict[str, Any]:
+    """`steps` steps of ortzo finetune over the frozen folder, alone in a child process, against
+    the memory model's prediction for the same batch."""
+    from ..memory import estimate
+    from ..model.manifest import Manifest, hf_config
+    from .validate import frozen_base
+
+    print(f"{steps} steps of ortzo finetune over it, batch 1 x {TOKENS} tokens (child process) ...", flush=True)
+    f = _child(["finetune", str(folder), str(work), str(steps)])
+    predicted = estimate(hf_config(folder), 1, TOKENS, **frozen_base(Manifest.load(folder))).total / 2**20
+    r = {"steps": steps, "step_s": round(f["train_seconds"] / steps, 1), "finetune_peak_rss_gib":
+         round(f["peak_rss_mib"] / 1024, 2), "predicted_gib": round(predicted / 1024, 2),
+         "prediction_error": round(predicted / f["peak_rss_mib"] - 1, 3)}
+    print(f"  {r['step_s']} s a step; peak RSS {r['finetune_peak_rss_gib']} GiB, the memory model predicts "
+          f"{r['predicted_gib']} GiB ({100 * r['prediction_error']:+.1f} %)", flush=True)
+    return r
 
 
 def _random_config(model: str, layers: int | None) -> dict[str, Any]:
@@ -154,13 +182,37 @@ def _write_random(folder: Path, config: dict[str, Any], dtype: str, shard_mib: i
     return {"bytes": written, "shards": total, "seconds": time.perf_counter() - t}
 
 
-def _export(what: str, out: Path, dtype: str) -> dict[str, Any]:
+def _export(what: str, out: Path, dtype: str, base: dict[str, Any] | None) -> dict[str, Any]:
+    from ..config import FrozenBaseOptions
+    from ..memory import Arch, parameter_count
     from ..model.export import export_model
+    from ..model.manifest import hf_config
 
+    quant, lora = FrozenBaseOptions.build(base).specs() if base else (None, None)
     t = time.perf_counter()
-    m = export_model(what, out, dtype=dtype, force=True, say=lambda line: print(line, file=sys.stderr, flush=True))
-    fp32 = sum(p.size for p in m.parameters) * 4
+    m = export_model(what, out, dtype=dtype, force=True, say=lambda line: print(line, file=sys.stderr, flush=True),
+                     quant=quant, lora=lora)
+    fp32 = 4 * (parameter_count(Arch.from_config(hf_config(out))) if base else sum(p.size for p in m.parameters))
     return {"seconds": time.perf_counter() - t, "fp32_bytes": fp32}
+
+
+def _finetune(folder: Path, work: Path, steps: int) -> dict[str, Any]:
+    """Steps over a task whose every prompt is TOKENS words of the random checkpoint's
+    vocabulary (w0 ... w60), the LoRA and vectors trained; one evaluation row."""
+    from ..config import RunConfig
+    from .finetune import start
+
+    rng = np.random.default_rng(0)
+    (work / TASK).mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, 61, TOKENS)), "label": int(rng.integers(2))}
+                for _ in range(16)]
+        (work / TASK / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / TASK / "task.toml").write_text('template = "{text}"\nlabel_words = [" w1", " w2"]\ndata = "."\n')
+    shutil.rmtree(work / RUN, ignore_errors=True)
+    cfg = RunConfig.build({"model": str(folder), "task": str(work / TASK / "task.toml"), "steps": steps,
+                           "batch_size": 1, "max_length": TOKENS, "eval_examples": 1, "include": ["*"]})
+    return start(cfg, work / RUN)
 
 
 def _check(folder: Path, source: Path) -> dict[str, Any]:
@@ -254,7 +306,9 @@ if __name__ == "__main__":
     if what == "random":
         result = _write_random(Path(a[0]), json.loads(a[1]), a[2], int(a[3]), a[4])
     elif what == "export":
-        result = _export(a[0], Path(a[1]), a[2])
+        result = _export(a[0], Path(a[1]), a[2], json.loads(a[3]))
+    elif what == "finetune":
+        result = _finetune(Path(a[0]), Path(a[1]), int(a[2]))
     elif what == "check":
         result = _check(Path(a[0]), Path(a[1]))
     elif what == "truncate":

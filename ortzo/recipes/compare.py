@@ -36,7 +36,7 @@ from ..engines.base import record_type
 from ..errors import OrtzoError
 from ..files import atomic_open, write_json
 from ..memory import estimate, parse_size
-from ..model.manifest import MANIFEST, Manifest, hf_config
+from ..model.manifest import HF_CONFIG, MANIFEST, Manifest, hf_config
 from ..optim import steplog
 from ..run.folder import RunFolder
 from ..run.plots import plot_compare
@@ -120,11 +120,14 @@ def _plan(spec: CompareSpec) -> dict[str, dict[str, Any]]:
         if not candidates:
             raise OrtzoError(f"arm {arm!r}: give a model or a list of candidate models")
         cfg = RunConfig.build(settings | {"model": candidates[0]}, f"arm {arm!r}: ")
-        predicted = {m: estimate(hf_config(m), cfg.batch_size, cfg.max_length, method=_method(cfg),
-                                 optimizer=cfg.optimizer, checkpoint_fraction=cfg.checkpoint_fraction,
-                                 **(frozen_base(Manifest.load(m)) if Path(m, MANIFEST).is_file() else {})).total
-                     for m in candidates}
-        fitting = [m for m in candidates if predicted[m] <= budget or "model" in given]
+        if "model" in given and not Path(given["model"], HF_CONFIG).is_file() and Path(given["model"], MANIFEST).is_file():
+            predicted = {given["model"]: None}  # a prepared app model (an onnxruntime-genai folder): no architecture
+        else:
+            predicted = {m: estimate(hf_config(m), cfg.batch_size, cfg.max_length, method=_method(cfg),
+                                     optimizer=cfg.optimizer, checkpoint_fraction=cfg.checkpoint_fraction,
+                                     **(frozen_base(Manifest.load(m)) if Path(m, MANIFEST).is_file() else {})).total
+                         for m in candidates}
+        fitting = [m for m in candidates if "model" in given or predicted[m] <= budget]
         if not fitting:
             raise OrtzoError(f"arm {arm!r}: no candidate fits {spec.memory_budget} (predicted: "
                              + ", ".join(f"{m} {b / 2**30:.2f} GiB" for m, b in predicted.items()) + ")")
@@ -214,7 +217,7 @@ def _summary(rows: list[dict[str, Any]], plan: dict[str, dict[str, Any]], spec: 
                       # the run's peak over its first (untrained, whole-split) evaluation's: inference
                       "peak_vs_inference": round(max((r[-1]["peak_rss_mib"] or 0) / (r[0]["peak_rss_mib"] or 1)
                                                      for r in runs), 3),
-                      "predicted_mib": round(p["predicted_peak_bytes"] / 2**20),
+                      "predicted_mib": round(p["predicted_peak_bytes"] / 2**20) if p["predicted_peak_bytes"] else None,
                       "over_budget": any(r[0]["over_budget"] for r in runs)})
     return out
 

@@ -55,10 +55,9 @@ class Setup:
 
     def engine(self, store: WeightStore, saved: Saved | None = None) -> Engine:
         """The run's engine over `store` (the model's weights, or those of the checkpoint `saved`)."""
-        if self.manifest.base and self.cfg.engine != "ort":
-            raise OrtzoError(f"--engine {self.cfg.engine} rebuilds the PyTorch model from a plain folder; "
-                             f"{self.model_dir} has a frozen {self.manifest.base['quantize']} base (export it "
-                             "without --quantize and --lora for the PyTorch baselines)")
+        if self.manifest.base.get("builder") and self.cfg.engine != "ort":
+            raise OrtzoError(f"--engine {self.cfg.engine} rebuilds the PyTorch model from an exported folder; "
+                             f"{self.model_dir} is {self.manifest.base['builder']}'s graph (train it with --engine ort)")
         try:
             return open_engine(self.cfg, self.model_dir, store, self.trained(store), self.target, self.train_batch,
                                saved, self.scales)

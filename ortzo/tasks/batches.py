@@ -1,5 +1,5 @@
-"""Prompts -> the graph's inputs: left padding, attention mask, position ids, and which
-positions and candidate ids the scoring head returns.
+"""Prompts -> the graph's inputs: padding (left, or right where the model asks), attention
+mask, position ids, and which positions and candidate ids the scoring head returns.
 
 A label word is scored by the log-likelihood of all its tokens, as MeZO scores an option.
 When every word is one token, one sequence per example suffices: its last position scores
@@ -69,36 +69,41 @@ class Encoder:
     def batch(self, encoded: Sequence[list[int]], labels: Sequence[int]) -> Batch:
         labels = np.asarray(labels, np.int64)
         if self.single_token:
-            return Batch(collate(encoded, self.tokenizer.pad_id, self.label_ids), labels)
-        feeds, combine = collate_words(encoded, self.tokenizer.pad_id, self.label_tokens)
+            return Batch(collate(encoded, self.tokenizer.pad_id, self.label_ids, self.tokenizer.pad_right), labels)
+        feeds, combine = collate_words(encoded, self.tokenizer.pad_id, self.label_tokens, self.tokenizer.pad_right)
         return Batch(feeds, labels, combine)
 
 
-def collate(encoded: Sequence[list[int]], pad_id: int, candidates: np.ndarray) -> dict[str, np.ndarray]:
-    """Left-pad to the longest; score every row's last position against `candidates`."""
+def collate(encoded: Sequence[list[int]], pad_id: int, candidates: np.ndarray,
+            right: bool = False) -> dict[str, np.ndarray]:
+    """Pad to the longest, on the left (or `right`: GroupQueryAttention's prompts, which
+    read each row's length from the mask); score every row's last token against `candidates`."""
     b, s = len(encoded), max(len(e) for e in encoded)
     input_ids = np.full((b, s), pad_id, np.int64)
     mask = np.zeros((b, s), np.int64)
     for i, e in enumerate(encoded):
-        input_ids[i, s - len(e):] = e
-        mask[i, s - len(e):] = 1
+        at = slice(0, len(e)) if right else slice(s - len(e), s)
+        input_ids[i, at] = e
+        mask[i, at] = 1
     position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    last = np.array([len(e) - 1 if right else s - 1 for e in encoded], np.int64)
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-            "score_index": np.arange(b, dtype=np.int64) * s + s - 1,
+            "score_index": np.arange(b, dtype=np.int64) * s + last,
             "score_ids": np.tile(candidates, (b, 1))}
 
 
-def collate_words(encoded: Sequence[list[int]], pad_id: int,
-                  words: Sequence[list[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One left-padded sequence per (example, word): the prompt, then the word's tokens but
-    its last. Each word token is scored at the position before it; returns the feeds and
-    the [examples * words, scored rows] matrix that sums a word's rows."""
+def collate_words(encoded: Sequence[list[int]], pad_id: int, words: Sequence[list[int]],
+                  right: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One padded sequence per (example, word): the prompt, then the word's tokens but its
+    last. Each word token is scored at the position before it; returns the feeds and the
+    [examples * words, scored rows] matrix that sums a word's rows."""
     seqs = [e + w[:-1] for e in encoded for w in words]
-    feeds = collate(seqs, pad_id, np.zeros(1, np.int64))
+    feeds = collate(seqs, pad_id, np.zeros(1, np.int64), right)
     s = feeds["input_ids"].shape[1]
     index, ids, owner = [], [], []
-    for r, (e, w) in enumerate((e, w) for e in encoded for w in words):
-        first = r * s + s - len(w)  # the prompt's last position predicts the word's first token
+    for r, (seq, w) in enumerate(zip(seqs, (w for _ in encoded for w in words))):
+        end = len(seq) if right else s  # one past the row's last token
+        first = r * s + end - len(w)  # the prompt's last position predicts the word's first token
         index += range(first, first + len(w))
         ids += w
         owner += [r] * len(w)
