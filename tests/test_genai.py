@@ -224,7 +224,7 @@ def test_right_padding_scores_what_left_padding_scores(tiny_model):
     np.testing.assert_allclose(right, left, rtol=0, atol=1e-5)
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(built, tmp_path, capsys):
+def test_bad_inputs_are_one_line_and_write_nothing(built, prepared, tmp_path, capsys):
     from ortzo.cli import main
 
     _, og = built
@@ -234,7 +234,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(built, tmp_path, capsys):
     (bad / "genai_config.json").write_text('{"model": {"decoder": {"filename": "../model.onnx"}}}')
     for args, message in (([str(og), "--quantize", "int4"], "drop --quantize"),
                           ([str(og), "--lora", "targets=*q_proj"], "matches no matrix"),
-                          ([str(bad)], "not an onnxruntime-genai decoder config")):
+                          ([str(bad)], "not an onnxruntime-genai decoder config"),
+                          ([str(prepared)], "is prepared already")):
         code = main(["prepare", *args, "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, err

@@ -3,6 +3,8 @@ request over one loaded base: what an app does with `ortzo adapter`'s file.
 
     python examples/genai/generate.py FOLDER "prompt" [NAME=FILE.onnx_adapter ...]
 
+A `\\n` in the prompt is a newline (make and shells pass it through as two characters).
+
 Needs only onnxruntime-genai (the `genai` extra)."""
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def generate(model: og.Model, tokenizer: og.Tokenizer, prompt: str, adapters: og
 
 
 def main(folder: str, prompt: str, *named: str) -> None:
+    prompt = prompt.replace("\\n", "\n")
     model = og.Model(folder)
     tokenizer = og.Tokenizer(model)
     adapters = og.Adapters(model)

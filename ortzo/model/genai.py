@@ -34,7 +34,7 @@ from .export.flatfile import FlatWriter
 from .export.head import INPUTS as SCORE_INPUTS, OUTPUT as SCORE_OUTPUT, add_scoring_head
 from .external import DataFile
 from .frozen import BASE_DATA, WEIGHTS
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest
 from .prepare import _check_out, _load
 
 CONFIG = "genai_config.json"
@@ -56,7 +56,10 @@ def prepare_genai(src: str | Path, out: str | Path, lora: lora_graph.LoraSpec | 
     import onnx
 
     src, out = Path(src), Path(out)
+    if (src / MANIFEST).is_file():
+        raise OrtzoError(f"{src} is prepared already (it has {MANIFEST}): prepare the builder's own folder")
     config = _config(src)
+    tokenizer = _tokenizer(src, config)
     decoder = config["model"]["decoder"]
     graph = src / decoder["filename"]
     model = _load(graph)
@@ -126,7 +129,7 @@ def prepare_genai(src: str | Path, out: str | Path, lora: lora_graph.LoraSpec | 
         manifest = Manifest(
             graph=SCORE_GRAPH, weights=WEIGHTS, weights_sha256=weights_sha256, weights_bytes=weights.size,
             parameters=tuple(params), inputs=("input_ids", "attention_mask", *SCORE_INPUTS), outputs=(SCORE_OUTPUT,),
-            tokenizer=_tokenizer(src, config), source={"kind": "onnxruntime-genai", "location": str(src.resolve()),
+            tokenizer=tokenizer, source={"kind": "onnxruntime-genai", "location": str(src.resolve()),
                                                        "decoder": decoder["filename"]},
             base=_base(nbits, data, decoder_bytes, lora, targets))
         manifest.save(build)
