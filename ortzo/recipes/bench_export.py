@@ -8,6 +8,11 @@ folder against the source with other readers (safetensors' torch loader, plain f
 every tensor present, each one's bytes equal to the source tensor cast to the folder's dtype
 (and transposed where the manifest says), the manifest's sha256 that of the file. Last, a
 truncated copy (its first layers) is exported and scored against PyTorch on the same weights.
+
+With a frozen base (`--quantize`, `--lora`) the export writes it instead (its quantized tensors
+are checked against PyTorch by tests/test_frozen.py, not here), and `--steps N` then runs N steps
+of `ortzo finetune` over it at batch 1 x 64 tokens, the LoRA and vectors trained, alone in a
+child process: its peak RSS and seconds a step against the memory model's prediction.
 """
 from __future__ import annotations
 
