@@ -242,11 +242,14 @@ def test_bad_inputs_are_one_line_and_write_nothing(built, prepared, tmp_path, ca
         assert not out.exists()
 
 
-def test_the_pytorch_baselines_refuse_the_builders_graph(prepared, tmp_path, capsys):
+def test_the_pytorch_baselines_and_bake_refuse_the_builders_graph(prepared, tmp_path, capsys):
     from ortzo.cli import main
 
-    code = main(["finetune", str(prepared), "--task", "sst2", "--data", str(SHARED_DATA / "sst2"),
-                 "--out", str(tmp_path / "run"), "--engine", "torch-bp"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "onnxruntime-genai's graph" in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()
+    for args, out, message in (
+            (["finetune", str(prepared), "--task", "sst2", "--data", str(SHARED_DATA / "sst2"), "--engine", "torch-bp"],
+             tmp_path / "run", "onnxruntime-genai's graph"),
+            (["bake", str(prepared)], tmp_path / "baked", "ships as it is")):
+        code = main([*args, "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

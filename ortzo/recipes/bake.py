@@ -39,6 +39,9 @@ def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool
     if adapter is not None and not (path / MANIFEST).is_file():
         raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")
     folder, store, _ = weights_at(path, step, say)
+    if builder := store.manifest.base.get("builder"):
+        raise OrtzoError(f"{folder} is {builder}'s folder: it ships as it is, with `ortzo adapter`'s file loaded "
+                         "over it; bake takes folders ortzo exported")
     if adapter is not None:
         apply_adapter(adapter, store, folder)
     write_baked(folder, store, out, force, reads=(path,), say=say)
