@@ -299,3 +299,17 @@ def test_backprop_over_a_frozen_base_trains_the_lora_as_autograd_does(tiny_hf, l
         np.testing.assert_allclose(got.T if ".lora_" in name else got, want, rtol=0, atol=1e-6, err_msg=name)
         moved += bool(np.abs(want - before).max() > 1e-4)
     assert moved > len(lora)  # B of every module and the vectors moved
+
+
+def test_a_corrupt_frozen_base_is_one_line_for_the_pytorch_baselines(lora_bases, tiny_data, tmp_path, capsys):
+    """A base record naming a tensor its graph does not store: one line, exit 2, no run."""
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_bases / "int4", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["base"]["frozen"][1]["name"] = "model.layers.0.self_attn.nothing.weight"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["finetune", str(broken), "--task", "sst2", "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                 "--engine", "torch-bp", "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "the folder is corrupt" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "steps.jsonl").exists()

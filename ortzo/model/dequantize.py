@@ -48,7 +48,10 @@ def frozen_tensors(folder: str | Path, manifest: Manifest) -> Iterator[tuple[str
     fd = os.open(folder / manifest.base["data"], os.O_RDONLY)
     try:
         def read(name: str) -> np.ndarray:
-            t = where[name]
+            t = where.get(name)
+            if t is None or t.data_location != onnx.TensorProto.EXTERNAL:
+                raise OrtzoError(f"{folder / manifest.graph} has no stored tensor {name} that its base records: "
+                                 "the folder is corrupt")
             info = {e.key: e.value for e in t.external_data}
             n = int(info["length"])
             buf = bytearray(n)
@@ -62,9 +65,9 @@ def frozen_tensors(folder: str | Path, manifest: Manifest) -> Iterator[tuple[str
             name, stored = f["name"], f["stored"]
             if stored.startswith("int"):
                 bits, (k, n) = int(stored.removeprefix("int")), f["k_n"]
-                data = where.get(f"{name}/q{bits}") or where[f"{name}/q{bits}/rows"]
+                data = f"{name}/q{bits}" if f"{name}/q{bits}" in where else f"{name}/q{bits}/rows"
                 zp = f"{name}/zero_points"
-                as_b = dequantize(read(data.name), read(f"{name}/scales"), read(zp) if zp in where else None, bits, k, n)
+                as_b = dequantize(read(data), read(f"{name}/scales"), read(zp) if zp in where else None, bits, k, n)
                 value = as_b.T if f["stored_out_in"] else as_b  # the folder's layout
             else:
                 value = read(name).astype(np.float32)

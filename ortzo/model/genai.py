@@ -193,13 +193,16 @@ def _scoring_graph(model, past: list[str], logits: str, decoder: dict[str, Any])
     g.initializer.extend([helper.make_tensor(f"{e}/zero", TensorProto.INT64, [1], [0]),
                           helper.make_tensor(f"{e}/dims", TensorProto.INT64, [3],
                                              [int(decoder["num_key_value_heads"]), 0, int(decoder["head_size"])])])
-    g.node.extend([
+    cache = [
         helper.make_node("Shape", ["input_ids"], [f"{e}/ids_shape"], name=f"{e}/ids_shape"),
         helper.make_node("Gather", [f"{e}/ids_shape", f"{e}/zero"], [f"{e}/batch"], axis=0, name=f"{e}/batch"),
         helper.make_node("Concat", [f"{e}/batch", f"{e}/dims"], [f"{e}/shape"], axis=0, name=f"{e}/shape"),
         helper.make_node("ConstantOfShape", [f"{e}/shape"], [e], name=e,
                          value=helper.make_tensor(f"{e}/value", dtype, [1], [0])),
-    ])
+    ]
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(cache + nodes)  # first: they read only the ids and constants, and every layer reads them
     kept = [o for o in g.output if o.name == logits]
     del g.output[:]
     g.output.extend(kept)
@@ -209,25 +212,7 @@ def _scoring_graph(model, past: list[str], logits: str, decoder: dict[str, Any])
         g.output[0].name = "logits"
     add_scoring_head(g)
     _prune(g)
-    _topological(g)
     return m
-
-
-def _topological(g) -> None:
-    """Nodes in an order where each comes after its inputs' producers (the empty cache's nodes
-    were appended last)."""
-    produced = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        ready = [n for n in pending if all(i in produced for i in n.input)]
-        if not ready:
-            raise OrtzoError("the decoder graph has a cycle or reads a tensor nothing produces")
-        for n in ready:
-            ordered.append(n)
-            produced.update(n.output)
-        pending = [n for n in pending if all(n is not r for r in ready)]
-    del g.node[:]
-    g.node.extend(ordered)
 
 
 def _tokenizer(src: Path, config: dict[str, Any]) -> dict[str, Any]:
