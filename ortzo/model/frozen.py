@@ -11,14 +11,14 @@ sets them per request over the unchanged base.
 
 The source folder is read one tensor at a time (pread(2) of its weight file) and the
 frozen data is written one tensor at a time (model/external.py), so freezing a 7B folder holds
-one matrix, not the model. Needs onnx (the export extra).
+one matrix, not the model. Needs onnx (the `onnx` extra).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -42,10 +42,11 @@ WEIGHTS = "weights.bin"
 
 
 def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
-           lora: lora_graph.LoraSpec | None = None) -> Manifest:
+           lora: lora_graph.LoraSpec | None = None, stored_bits: Mapping[str, int] | None = None) -> Manifest:
     """Write the frozen-base folder of the trainable folder `src` into the empty folder `out`.
     Every matrix that is only ever B of x @ B becomes MatMulNBits under `quant` (others, such as
-    a tied embedding, stay constants as stored); `lora` adds A and B beside the matching ones."""
+    a tied embedding, stay constants as stored); `lora` adds A and B beside the matching ones.
+    `stored_bits`: the bits a GGUF source stores each matrix at (for `quant.source_widths`)."""
     import onnx
 
     src, out = Path(src), Path(out)
@@ -74,7 +75,7 @@ def freeze(src: str | Path, out: str | Path, quant: QuantSpec | None = None,
     tables: dict[str, bool] = {}
     bits: dict[str, int] = {}  # what is quantized, to how many bits
     if quant is not None:
-        bits = {w: quant.bits for w in matmuls}
+        bits = quant.widths(list(matmuls), stored_bits)
         if quant.embedding:
             tables = _embeddings(g, frozen, casts, quant.block_size)
             bits |= {w: quant.embedding for w in [*tables, *untied_head]}

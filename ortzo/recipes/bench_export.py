@@ -17,6 +17,7 @@ child process: its peak RSS and seconds a step against the memory model's predic
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from ..errors import OrtzoError
 from ..files import sha256_file, write_json
 from ..memory import alias_config
 from .measure import peak_rss_mib
+
+logger = logging.getLogger(__name__)
 
 SOURCE, FOLDER, SHORT, SHORT_FOLDER = "source", "trainable", "short-source", "short-trainable"
 FROZEN, TASK, RUN = "frozen", "task", "run"
@@ -55,44 +58,43 @@ def bench_export(model: str, work: Path, random: bool, layers: int | None, sourc
         wanted = json.dumps({"config": config, "dtype": source_dtype, "shard_mib": shard_mib}, sort_keys=True)
         done = (source / COMPLETE).read_text() if (source / COMPLETE).is_file() else None
         if done != wanted:  # none yet, or one written for other settings
-            print(f"writing a random {source_dtype} checkpoint with {model}'s config "
-                  f"({config['num_hidden_layers']} layers) to {source} ...", flush=True)
+            logger.info(f"writing a random {source_dtype} checkpoint with {model}'s config "
+                        f"({config['num_hidden_layers']} layers) to {source} ...")
             r = _child(["random", str(source), json.dumps(config), source_dtype, str(shard_mib), wanted])
-            print(f"  {r['bytes'] / 1e9:.2f} GB in {r['shards']} shards, {r['seconds']:.0f} s, "
-                  f"writer peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
+            logger.info(f"  {r['bytes'] / 1e9:.2f} GB in {r['shards']} shards, {r['seconds']:.0f} s, "
+                        f"writer peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB")
         report |= {"layers": config["num_hidden_layers"], "source_dtype": source_dtype}
         what = str(source)
     else:
         what = model
     out = work / (FOLDER if base is None else FROZEN)
-    print(f"ortzo export {what} --out {out}{' (a frozen base)' if base else ''} (child process) ...", flush=True)
+    logger.info(f"ortzo export {what} --out {out}{' (a frozen base)' if base else ''} (child process) ...")
     e = _child(["export", what, str(out), dtype, json.dumps(base)])
     fp32 = e["fp32_bytes"]
     limit = BUDGET_FRACTION * fp32 + BUDGET_FIXED
     report |= {"export_s": round(e["seconds"], 1), "peak_rss_gib": round(e["peak_rss_mib"] / 1024, 2),
                "fp32_weight_gb": round(fp32 / 1e9, 2), "peak_vs_fp32_weights": round(e["peak_rss_mib"] * 2**20 / fp32, 3),
                "limit_gib": round(limit / 2**30, 2), "within_limit": e["peak_rss_mib"] * 2**20 <= limit}
-    print(f"  {e['seconds']:.0f} s, peak RSS {e['peak_rss_mib'] / 1024:.2f} GiB = "
-          f"{report['peak_vs_fp32_weights']:.3f} x the {fp32 / 1e9:.2f} GB of fp32 weights "
-          f"(limit 0.3 x + 2 GB = {limit / 2**30:.2f} GiB: {'within' if report['within_limit'] else 'OVER'})",
-          flush=True)
+    logger.info(f"  {e['seconds']:.0f} s, peak RSS {e['peak_rss_mib'] / 1024:.2f} GiB = "
+                f"{report['peak_vs_fp32_weights']:.3f} x the {fp32 / 1e9:.2f} GB of fp32 weights "
+                f"(limit 0.3 x + 2 GB = {limit / 2**30:.2f} GiB: {'within' if report['within_limit'] else 'OVER'})")
     if base is not None:  # its tensors are quantized: tests/test_frozen.py checks them against PyTorch
         if steps:
             report |= _finetune_report(out, work, steps)
     elif random:
-        print("checking the folder against the source ...", flush=True)
+        logger.info("checking the folder against the source ...")
         c = _child(["check", str(out), str(work / SOURCE)])
         report |= {"tensors": c["tensors"], "tensors_equal": c["equal"], "sha256_ok": c["sha256_ok"]}
-        print(f"  {c['equal']} of {c['tensors']} source tensors byte-equal in the folder "
-              f"({c['tied']} tied), manifest sha256 {'matches' if c['sha256_ok'] else 'DIFFERS'}", flush=True)
+        logger.info(f"  {c['equal']} of {c['tensors']} source tensors byte-equal in the folder "
+                    f"({c['tied']} tied), manifest sha256 {'matches' if c['sha256_ok'] else 'DIFFERS'}")
         short, short_layers = work / SHORT, min(short_layers, config["num_hidden_layers"])
         _child(["truncate", str(work / SOURCE), str(short), str(short_layers)])
         _child(["export", str(short), str(work / SHORT_FOLDER), dtype])
         s = _child(["score", str(work / SHORT_FOLDER), str(short), str(out)])
         report |= {"short_layers": short_layers, "short_max_abs_diff": s["max_abs_diff"],
                    "short_tensors_equal_full": s["equal_to_full"]}
-        print(f"  the first {short_layers} layers, exported alone: max |ORT - PyTorch| over scored log-probs "
-              f"{s['max_abs_diff']:.2e}; their tensors equal the full folder's: {s['equal_to_full']}", flush=True)
+        logger.info(f"  the first {short_layers} layers, exported alone: max |ORT - PyTorch| over scored log-probs "
+                    f"{s['max_abs_diff']:.2e}; their tensors equal the full folder's: {s['equal_to_full']}")
     write_json(work / "report.json", report)
     return report
 
@@ -104,14 +106,14 @@ def _finetune_report(folder: Path, work: Path, steps: int) -> dict[str, Any]:
     from ..model.manifest import Manifest, hf_config
     from .validate import frozen_base
 
-    print(f"{steps} steps of ortzo finetune over it, batch 1 x {TOKENS} tokens (child process) ...", flush=True)
+    logger.info(f"{steps} steps of ortzo finetune over it, batch 1 x {TOKENS} tokens (child process) ...")
     f = _child(["finetune", str(folder), str(work), str(steps)])
     predicted = estimate(hf_config(folder), 1, TOKENS, **frozen_base(Manifest.load(folder))).total / 2**20
     r = {"steps": steps, "step_s": round(f["train_seconds"] / steps, 1), "finetune_peak_rss_gib":
          round(f["peak_rss_mib"] / 1024, 2), "predicted_gib": round(predicted / 1024, 2),
          "prediction_error": round(predicted / f["peak_rss_mib"] - 1, 3)}
-    print(f"  {r['step_s']} s a step; peak RSS {r['finetune_peak_rss_gib']} GiB, the memory model predicts "
-          f"{r['predicted_gib']} GiB ({100 * r['prediction_error']:+.1f} %)", flush=True)
+    logger.info(f"  {r['step_s']} s a step; peak RSS {r['finetune_peak_rss_gib']} GiB, the memory model predicts "
+                f"{r['predicted_gib']} GiB ({100 * r['prediction_error']:+.1f} %)")
     return r
 
 

@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...errors import OrtzoError
+from ...extras import require
+from ...output import progress, silenced
 from ..lora import LoraSpec, targeted
 from ..manifest import Manifest
 from ..mobile import add_ort_graph
 from ..quantize import QuantSpec
 from .convert import convert
 from .sources import Source, open_checkpoint, resolve
+from .tensors import GGUFTensors
 from .tokenizer import export_tokenizer
 from .trace import GRAPH, trace_graph
 
@@ -45,6 +48,9 @@ __all__ = ["export_model", "partial_folder"]
 STAGES = 4
 REQUEST = "request.json"
 TRACED = "traced"  # the trace's folder inside the partial one, whole once the graph is in it
+# The loggers of the libraries an export runs, quiet but for errors unless --verbose.
+EXPORTERS = ("torch", "transformers", "optimum", "onnx", "onnxscript", "onnx_ir", "accelerate", "huggingface_hub")
+logger = logging.getLogger(__name__)
 
 
 def partial_folder(out: Path) -> Path:
@@ -53,14 +59,15 @@ def partial_folder(out: Path) -> Path:
 
 
 def export_model(model: str, out: str | Path, opset: int = 17, force: bool = False, dtype: str = "float32",
-                 verbose: bool = False, say: Callable[[str], None] = print, graph_format: str = "onnx",
+                 verbose: bool = False, say: Callable[[str], None] = logger.info, graph_format: str = "onnx",
                  quant: QuantSpec | None = None, lora: LoraSpec | None = None) -> Manifest:
     """Export `model` into the trainable folder `out`, atomically (built beside it, then
-    renamed) and resumably. Prints its stages through `say`; third-party output and warnings
-    are hidden unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile).
+    renamed) and resumably. Says its stages through `say` (default: the `ortzo` logger);
+    third-party output and warnings are hidden unless `verbose`. `graph_format` "ort" adds the graph in ORT format (mobile).
     `quant` or `lora`: a frozen base (model/frozen.py)."""
     from filelock import FileLock, Timeout
 
+    require("export", "ortzo export")  # before anything is written
     out = Path(out)
     if dtype not in ("float32", "float16"):
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
@@ -84,8 +91,11 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
     with lock:
         try:
             manifest = _build(model, source, out, work, opset, dtype, graph_format, say, quiet, quant, lora)
-        except BaseException:
-            if work.is_dir():
+        except BaseException as e:
+            if isinstance(e, OrtzoError) and not (work / TRACED).is_dir():  # refused before any work worth resuming
+                shutil.rmtree(work, ignore_errors=True)
+                lock_file.unlink(missing_ok=True)
+            elif work.is_dir():
                 say(f"the partial export stays in {work}: the same command resumes it (or delete it)")
             raise
     lock_file.unlink(missing_ok=True)
@@ -103,6 +113,9 @@ def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype:
                             "lora": lora and lora.to_json()}, say)
     with _stage(say, stages, 1, f"opening {source.location} (config and tensor index; no weights)"), quiet():
         ckpt = open_checkpoint(source)
+        stored_bits = ckpt.tensors.stored_bits() if isinstance(ckpt.tensors, GGUFTensors) else None
+        if quant is not None:
+            quant.widths([], stored_bits)  # --widths source of a source without widths fails now, not after it
         if lora is not None:  # a mistyped target fails now, not after the export
             from .names import torch_parameters
 
@@ -138,7 +151,7 @@ def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype:
             from ..frozen import freeze  # here: model.frozen imports model.logits, which imports this package
 
             shutil.rmtree(work / "frozen", ignore_errors=True)
-            manifest = freeze(build, work / "frozen", quant, lora)
+            manifest = freeze(build, work / "frozen", quant, lora, stored_bits)
             shutil.rmtree(build)
             build = work / "frozen"
     if out.exists():
@@ -164,9 +177,7 @@ def _start_or_resume(work: Path, request: dict[str, Any], say: Callable[[str], N
 
 def _progress(items: Iterable[Any], total: int, terminal: IO[str] | None) -> Iterable[Any]:
     """A progress bar on the terminal's stderr (quiet stages send file descriptor 2 elsewhere)."""
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc="weights", unit="tensor", file=terminal, leave=False)
+    return progress(items, total=total, desc="weights", unit="tensor", file=terminal, leave=False)
 
 
 @contextmanager
@@ -186,11 +197,11 @@ def _quiet() -> Iterator[IO[str]]:
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
-    logging.disable(logging.WARNING)
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        with warnings.catch_warnings(), open(saved[1], "w", closefd=False) as terminal:
+        with warnings.catch_warnings(), open(saved[1], "w", closefd=False) as terminal, \
+                silenced(*EXPORTERS, level=logging.ERROR):
             warnings.simplefilter("ignore")
             yield terminal
     except OrtzoError:
@@ -205,4 +216,3 @@ def _quiet() -> Iterator[IO[str]]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
-        logging.disable(logging.NOTSET)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -89,6 +90,11 @@ class GGUFTensors:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def stored_bits(self) -> dict[str, int]:
+        """The bits of each tensor's codes, from its type's name (Q4_1 and IQ4_XS 4, Q5_0 5,
+        Q6_K 6, Q8_0 8, F16 and BF16 16): the block scales' bytes are not counted."""
+        return {name: int(re.search(r"\d+", kind.name).group()) for name, (_, kind, *_) in self._where.items()}
 
     def read(self, name: str) -> np.ndarray:
         from gguf import dequantize
