@@ -10,16 +10,16 @@ buffers, so fine-tuning costs what inference costs in memory. A step is
 from __future__ import annotations
 
 import itertools
+import time
 from functools import cached_property
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
-
 from .engines.ort import trainable_buffers
 from .errors import OrtzoError
+from .output import progress as progress_bar
 from .model.adapter import apply_adapter, write_adapter
 from .model.manifest import Manifest, hf_config
 from .model.session import ScoringSession
@@ -29,7 +29,7 @@ from .model.weights import PARAMS, WeightStore
 from .optim.directions import DEFAULT_KIND
 from .optim.estimators import ESTIMATORS, estimator_step
 from .optim.meazo import scale_after
-from .optim.mezo import StepRecord, decay_mask, step_seed
+from .optim.mezo import SCHEDULES, StepRecord, decay_mask, scheduled_lr, step_seed
 from .tasks.batches import Batch, Encoder
 from .tasks.data import Rows, batch_indices
 from .tasks.objective import evaluate, loss as label_loss
@@ -58,10 +58,12 @@ class Model:
 
     @property
     def inputs(self) -> tuple[str, ...]:
+        """The graph inputs a caller feeds (the weights are bound already)."""
         return self.session.inputs
 
     @property
     def outputs(self) -> tuple[str, ...]:
+        """The names of what `run` returns."""
         return self.session.outputs
 
     def run(self, feeds: Feeds) -> Outputs:
@@ -73,21 +75,30 @@ class Model:
         """Next-token logits [batch, seq, vocab] from the folder's full-logits graph, which
         reads the same bound weights (fine-tuned ones included): zero-copy."""
         if self._logits is None:
-            if not self.manifest.logits_graph:
+            if self.manifest.logits_graph:
+                self._logits = ScoringSession(self.folder, self.store, self.target, graph=self.manifest.logits_graph,
+                                              device=self.session.device)
+            elif "logits" in self.outputs:  # a prepared causal LM: its own graph computes them
+                self._logits = self.session
+            elif self.manifest.source.get("kind") == "onnx":
+                raise OrtzoError(f"{self.folder}'s graph (from `ortzo prepare`) has no `logits` output: "
+                                 f"it serves `run` only (outputs: {', '.join(self.outputs)})")
+            else:
                 raise OrtzoError(f"{self.folder} has no full-logits graph: export it again with this ortzo")
-            self._logits = ScoringSession(self.folder, self.store, self.target, graph=self.manifest.logits_graph,
-                                          device=self.session.device)
         ids = np.atleast_2d(np.asarray(input_ids, np.int64))
         mask = np.ones_like(ids) if attention_mask is None else np.atleast_2d(np.asarray(attention_mask, np.int64))
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0)}
-        return next(iter(self._logits.run(feeds).values()))
+        out = self._logits.run(feeds)
+        return out["logits"] if "logits" in out else next(iter(out.values()))
 
-    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
-        """Greedy continuation of `prompt` (no KV cache: one full forward per token)."""
+    def generate(self, prompt: str, max_new_tokens: int = 20, eos_token_id: int | Sequence[int] | None = None) -> str:
+        """Greedy continuation of `prompt` (no KV cache: one full forward per token), ended by
+        `eos_token_id` (default: the exported model's config's; a prepared folder has none)."""
         tok = self.tokenizer
         ids = tok.encode(prompt)
-        eos = hf_config(self.folder).get("eos_token_id")
-        stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+        eos = eos_token_id if eos_token_id is not None or self.manifest.source.get("kind") == "onnx" else \
+            hf_config(self.folder).get("eos_token_id")
+        stop = set(eos if isinstance(eos, Sequence) else [eos]) - {None}
         new: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(self.logits(np.array([ids + new]))[0, -1].argmax())
@@ -122,28 +133,58 @@ class Model:
                              n_directions=n_directions, estimator=estimator, adaptive=adaptive)
         return self
 
-    def step(self, feeds: Feeds, loss: Callable[[Outputs], float]) -> StepRecord:
-        """One step in place (MeZO's, or FZOO's): `loss` maps the graph's outputs to the number to minimise.
-        A non-finite loss leaves the weights as they were and raises FloatingPointError."""
+    def step(self, feeds: Feeds, loss: Callable[[Outputs], float], lr: float | None = None) -> StepRecord:
+        """One step in place (MeZO's, or FZOO's): `loss` maps the graph's outputs to the number to minimise;
+        `lr` overrides `train`'s for this step (a schedule's value). A non-finite loss leaves the
+        weights as they were and raises FloatingPointError."""
         s, n = self.settings, len(self.records)
         adapt = scale_after(r.grad for r in self.records) if s["adaptive"] == "meazo" else None
         record = estimator_step(s["estimator"], self.buffers, lambda: loss(self.run(feeds)), step=n,
-                                seed=step_seed(s["seed"], n), eps=s["eps"], lr=s["lr"], directions=self.directions,
-                                n_directions=s["n_directions"], clip=s["clip"], weight_decay=s["weight_decay"],
-                                decay=self.decay, adapt=adapt)
+                                seed=step_seed(s["seed"], n), eps=s["eps"], lr=s["lr"] if lr is None else lr,
+                                directions=self.directions, n_directions=s["n_directions"], clip=s["clip"],
+                                weight_decay=s["weight_decay"], decay=self.decay, adapt=adapt)
         self.records.append(record)
         return record
 
-    def fit(self, batches: Iterable[Any], loss: Callable[[Outputs, Any], float], steps: int | None = None,
+    def fit(self, batches: Iterable[Any], loss: Callable[[Outputs, Any], float], steps: int | None = None, *,
+            epochs: int | None = None, time_budget: float | None = None, schedule: str = "constant",
             progress: bool = True) -> list[StepRecord]:
-        """A step per batch (at most `steps`). A batch is a feeds dict or has `.feeds`;
-        `loss(outputs, batch)` scores it. Returns the steps' records."""
+        """A step per batch until `steps`, `epochs` (passes over a sized `batches`: a list, or
+        `Classifier.batches`, whose length is one epoch) or `time_budget` (seconds of steps: it
+        ends after the step that reaches it) runs out, or `batches` does. A batch is a feeds dict
+        or has `.feeds`; `loss(outputs, batch)` scores it. `schedule` is the CLI's: "constant",
+        or "linear"/"wsd" decaying to 0 at the end of this call, by steps or by time as the CLI
+        does. Returns this call's records.
+
+        `ortzo finetune`'s default recipe from Python: `train(params="vectors", lr=2e-4,
+        clip=30)` then `fit(clf.batches(rows, 16), clf.loss, steps=N, schedule="linear")`."""
+        if steps is not None and epochs is not None:
+            raise OrtzoError("fit takes steps or epochs, not both")
+        if epochs is not None:
+            if not isinstance(batches, Sized) or epochs < 1:
+                raise OrtzoError(f"fit(epochs={epochs}) needs a sized `batches` (a list, or Classifier.batches) "
+                                 "and epochs >= 1")
+            steps = epochs * len(batches)
+            batches = batches if isinstance(batches, Iterator) else itertools.chain.from_iterable(
+                itertools.repeat(batches, epochs))
+        if steps is None and time_budget is None and getattr(batches, "endless", False):
+            raise OrtzoError("these batches never end: give fit steps=, epochs= or time_budget=")
+        total = steps if steps is not None else (len(batches) if isinstance(batches, Sized) else None)
+        if schedule not in SCHEDULES or schedule != "constant" and total is None and time_budget is None:
+            raise OrtzoError(f"schedule={schedule!r}: choose {', '.join(SCHEDULES)}; a decaying one needs "
+                             "steps=, epochs=, time_budget= or sized batches to end at")
         done: list[StepRecord] = []
-        bar = tqdm(itertools.islice(batches, steps), total=steps, desc="mezo", unit="step", disable=not progress,
-                   dynamic_ncols=True)
+        seconds = 0.0
+        bar = progress_bar(itertools.islice(batches, steps), hide=not progress, total=total, desc="mezo", unit="step",
+                           dynamic_ncols=True)
         for batch in bar:
-            done.append(self.step(getattr(batch, "feeds", batch), lambda out, b=batch: loss(out, b)))
+            lr = scheduled_lr(self.settings["lr"], schedule, len(done), total, seconds, time_budget)
+            t0 = time.perf_counter()
+            done.append(self.step(getattr(batch, "feeds", batch), lambda out, b=batch: loss(out, b), lr))
+            seconds += time.perf_counter() - t0
             bar.set_postfix(loss=f"{done[-1].loss:.4f}")
+            if time_budget is not None and seconds >= time_budget:
+                break
         return done
 
     def save(self, path: str | Path) -> str:
@@ -187,12 +228,15 @@ class Classifier:
         self.encoder = Encoder(task, model.tokenizer, max_length)
 
     def batch(self, rows: Rows) -> Batch:
+        """`rows` as one batch: the prompts' feeds, the label words to score, the labels."""
         return self.encoder.batch([self.encoder.encode(r) for r in rows], [r[self.task.label_field] for r in rows])
 
-    def batches(self, rows: Rows, batch_size: int = 16, seed: int = 0) -> Iterator[Batch]:
-        """Endless seeded batches over `rows`, epoch after epoch (as `ortzo finetune` draws them)."""
-        for step in itertools.count():
-            yield self.batch([rows[i] for i in batch_indices(len(rows), batch_size, step, seed)])
+    def batches(self, rows: Rows, batch_size: int = 16, seed: int = 0) -> Batches:
+        """Endless seeded batches over `rows`, epoch after epoch, as `ortzo finetune` draws them
+        (an iterator: a second `fit` goes on where the first stopped); its length is one epoch."""
+        if not 1 <= batch_size <= len(rows):
+            raise OrtzoError(f"batch_size {batch_size} must be between 1 and the {len(rows)} rows")
+        return Batches(self, rows, batch_size, seed)
 
     def loss(self, outputs: Outputs, batch: Batch) -> float:
         """Cross-entropy over the label words, the batch's mean."""
@@ -208,7 +252,27 @@ class Classifier:
         return evaluate(lambda feeds: self.model.run(feeds)["scores"], self.encoder, rows, batch_size)
 
     def accuracy(self, rows: Rows, batch_size: int = 16) -> float:
+        """The share of `rows` whose label `predict` gets right."""
         return self.evaluate(rows, batch_size)["accuracy"]
+
+
+class Batches(Iterator[Batch]):
+    """`Classifier.batches`: step k's batch is `batch_indices(len(rows), batch_size, k, seed)`,
+    a pure function of k, so a resumed app draws what it would have drawn."""
+
+    endless = True
+
+    def __init__(self, classifier: Classifier, rows: Rows, batch_size: int, seed: int) -> None:
+        self.classifier, self.rows, self.batch_size, self.seed = classifier, rows, batch_size, seed
+        self.step = 0
+
+    def __len__(self) -> int:
+        return max(1, len(self.rows) // self.batch_size)
+
+    def __next__(self) -> Batch:
+        picked = batch_indices(len(self.rows), self.batch_size, self.step, self.seed)
+        self.step += 1
+        return self.classifier.batch([self.rows[i] for i in picked])
 
 
 def open(folder: str | Path, provider: str = "cpu", weights: str | Path | None = None,  # noqa: A001

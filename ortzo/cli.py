@@ -2,28 +2,48 @@
 (and `memory`, `targets`).
 
 Options come from the settings models in `config`. Every problem a user can cause (a bad
-option value, a missing or corrupt file, an unwritable or full disk) is one line on stderr
-and exit code 2.
+option value, a missing or corrupt file, an unwritable or full disk, a missing extra) is one
+line on stderr and exit code 2. Progress and notes go to the `ortzo` logger, on stderr
+(--quiet: warnings only, no progress bars); stdout carries only a command's result.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import config
+from . import __version__, config
 from .config import (BenchExportOptions, BenchOptions, CompareOptions, CompareSpec, EvalOptions, ExportOptions,
                      RunConfig)
 from .errors import OrtzoError
+from .extras import missing, require
+from .output import LEVELS, configure
+
+logger = logging.getLogger(__name__)
+# The extra each command needs beyond the runtime, checked before it starts.
+NEEDS = {"export": "export", "bench-export": "export", "prepare": "onnx", "bake": "onnx", "mobile": "onnx",
+         "placement": "onnx"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    command = "ortzo"
     try:
         args = _parser().parse_args(argv)
+        configure(args.log_level, args.quiet)
+        for line in getattr(args, "deprecated", ()):
+            logger.warning(line)
+        command = f"ortzo {args.command}"
+        if args.command in NEEDS:
+            require(NEEDS[args.command], command)
         return args.func(args) or 0
+    except ModuleNotFoundError as e:  # an optional dependency that only this path imports
+        if (m := missing(e)) is None:
+            raise
+        return _fail(str(m.of(command)))
     except OrtzoError as e:
         return _fail(str(e))
     except OSError as e:  # a read-only folder, a full disk, a file that vanished
@@ -45,12 +65,13 @@ def _export(a: argparse.Namespace) -> None:
     quant, lora = o.specs()
     m = export_model(o.model, o.out, opset=o.opset, force=o.force, dtype=o.dtype, verbose=o.verbose,
                      graph_format=o.format, quant=quant, lora=lora)
-    print(f"wrote {o.out}: {_trainable(m)}")
+    logger.info(f"wrote {o.out}: {_trainable(m)}")
 
 
 def _trainable(m) -> str:  # m: Manifest
     """What a written folder trains, and its frozen base if it has one."""
-    base = f"; frozen base {m.base['quantize']}, {m.base['data_bytes'] / 2**20:.1f} MiB" if m.base else ""
+    widths = " (wider GGUF matrices int8)" if m.base.get("widths") == "source" else ""
+    base = f"; frozen base {m.base['quantize']}{widths}, {m.base['data_bytes'] / 2**20:.1f} MiB" if m.base else ""
     return (f"{len(m.parameters)} trainable parameters, {sum(p.size for p in m.parameters):,} weights, "
             f"{m.weights_bytes / 2**20:.1f} MiB{base}")
 
@@ -61,8 +82,8 @@ def _mobile(a: argparse.Namespace) -> None:
     o = config.MobileOptions.build(config.given(a, config.MobileOptions))
     m = add_ort_graph(o.model)
     ops = sum(len(names) for names in required_operators(o.model).values())
-    print(f"wrote {Path(o.model) / m.ort_graph} ({(Path(o.model) / m.ort_graph).stat().st_size / 2**20:.1f} MiB, "
-          f"weights stay inputs) and {OPERATORS} ({ops} operator types); targets with format = \"ort\" load it")
+    logger.info(f"wrote {Path(o.model) / m.ort_graph} ({(Path(o.model) / m.ort_graph).stat().st_size / 2**20:.1f} MiB, "
+                f"weights stay inputs) and {OPERATORS} ({ops} operator types); targets with format = \"ort\" load it")
 
 
 def _placement(a: argparse.Namespace) -> None:
@@ -79,7 +100,7 @@ def _prepare(a: argparse.Namespace) -> None:
     o = config.PrepareOptions.build(config.given(a, config.PrepareOptions))
     quant, lora = o.specs()
     m = Manifest.load(prepare(o.model, o.out, tokenizer=o.tokenizer, force=o.force, quant=quant, lora=lora))
-    print(f"wrote {o.out}: {_trainable(m)}; inputs {', '.join(m.inputs)}; outputs {', '.join(m.outputs)}")
+    logger.info(f"wrote {o.out}: {_trainable(m)}; inputs {', '.join(m.inputs)}; outputs {', '.join(m.outputs)}")
 
 
 def _finetune(a: argparse.Namespace) -> None:
@@ -108,18 +129,21 @@ def _bake(a: argparse.Namespace) -> None:
     from .recipes.bake import bake
 
     o = config.BakeOptions.build(config.given(a, config.BakeOptions))
-    bake(o.path, o.out, step=o.step, force=o.force, say=lambda line: print(line, file=sys.stderr), adapter=o.adapter)
+    m = bake(o.path, o.out, step=o.step, force=o.force, say=logger.info, adapter=o.adapter, weights=o.weights,
+             sha256=o.sha256)
     size = sum(p.stat().st_size for p in Path(o.out).iterdir())
-    print(f"wrote {o.out}: {size / 2**20:.1f} MiB (ORTModelForCausalLM.from_pretrained(out, use_cache=False))")
+    load = "onnxruntime.InferenceSession(out/model.onnx)" if m.source.get("kind") == "onnx" else \
+        "ORTModelForCausalLM.from_pretrained(out)"
+    logger.info(f"wrote {o.out}: {size / 2**20:.1f} MiB ({load})")
 
 
 def _adapter(a: argparse.Namespace) -> None:
     from .recipes.adapter import adapter
 
     o = config.AdapterOptions.build(config.given(a, config.AdapterOptions))
-    r = adapter(o.path, o.out, step=o.step, say=lambda line: print(line, file=sys.stderr))
-    print(f"wrote {o.out}: {r['tensors']} tensors, {r['weights']:,} weights, {r['bytes'] / 1024:.1f} KiB, "
-          f"for the base in {r['base']}")
+    r = adapter(o.path, o.out, step=o.step, say=logger.info)
+    logger.info(f"wrote {o.out}: {r['tensors']} tensors, {r['weights']:,} weights, {r['bytes'] / 1024:.1f} KiB, "
+                f"for the base in {r['base']}")
 
 
 def _compare(a: argparse.Namespace) -> None:
@@ -192,11 +216,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ortzo", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.set_defaults(log_level="info", quiet=False)
+    _output_options(p)
+    sub = p.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser, dest="command")
 
     def command(name: str, help: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.set_defaults(func=func)
+        _output_options(c)
         return c
 
     e = command("export", "export a causal LM to a trainable model folder", _export)
@@ -215,10 +243,11 @@ def _parser() -> argparse.ArgumentParser:
 
     f = command("finetune", "fine-tune with MeZO through ONNX Runtime", _finetune)
     config.add_options(f, RunConfig, positional=("model",), optional_positional=True)
-    f.add_argument("--out", required=True, help="run folder: config, step log, metrics, checkpoints, plot")
-    f.add_argument("--config", help="a .toml or .json file of settings (a run's config.json works); "
+    run = f.add_argument_group("run folder")
+    run.add_argument("--out", required=True, help="run folder: config, step log, metrics, checkpoints, plot")
+    run.add_argument("--config", help="a .toml or .json file of settings (a run's config.json works); "
                                     "options given here override it")
-    f.add_argument("--resume", action="store_true",
+    run.add_argument("--resume", action="store_true",
                    help="continue the run in --out; options change only the settings a run may change on resume")
 
     v = command("eval", "accuracy of a model folder (zero-shot) or of a run's weights", _eval)
@@ -250,6 +279,15 @@ def _parser() -> argparse.ArgumentParser:
                 "the largest model that fits", _memory)
     config.add_options(m, config.MemoryOptions, positional=("model",), optional_positional=True)
     return p
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    """--quiet and --log-level, given before the command or after it."""
+    g = parser.add_argument_group("output")
+    g.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                   help="warnings and errors only, no progress bars (TQDM_DISABLE=1 hides only the bars)")
+    g.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS,
+                   help="the least severe messages shown on stderr (default: info)")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -31,21 +32,49 @@ if TYPE_CHECKING:
     from .model.lora import LoraSpec
     from .model.quantize import QuantSpec
 from .optim.estimators import ESTIMATORS
+from .optim.mezo import SCHEDULES
 from .optim.precondition import SCALES
 from .model.placement import PROVIDERS
 from .model.weights import PARAMS
 from .tasks.task import HUB
 
 RECORDED = "recorded"  # the section of a run's config.json that is not settings
+logger = logging.getLogger(__name__)
 
 
-def setting(default: Any, help: str, *, resumable: bool = False, flags: tuple[str, ...] = (), **limits: Any) -> Any:
-    """A field with its help text, whether a resumed run may change it, and extra flag names."""
-    return Field(default, description=help, json_schema_extra={"resumable": resumable, "flags": list(flags)}, **limits)
+def setting(default: Any, help: str, *, resumable: bool = False, flags: tuple[str, ...] = (),
+            deprecated_flags: tuple[str, ...] = (), renamed: dict[str, str] | None = None, **limits: Any) -> Any:
+    """A field with its help text, whether a resumed run may change it, and extra flag names;
+    `deprecated_flags` and `renamed` (old value -> new) still work for one release, with a warning."""
+    return Field(default, description=help, json_schema_extra={
+        "resumable": resumable, "flags": list(flags), "deprecated_flags": list(deprecated_flags),
+        "renamed": renamed or {}}, **limits)
+
+
+def _extra(field: Any) -> dict[str, Any]:
+    return field.json_schema_extra or {}
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # --help's sections: title -> the fields under it (the others: "options")
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_values(cls, values: Any) -> Any:
+        """An old name of a value still works for one release, with a warning."""
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for k, v in values.items():
+            renamed = _extra(cls.model_fields[k]).get("renamed") if k in cls.model_fields else None
+            for old in [x for x in (v if isinstance(v, list) else [v]) if renamed and x in renamed]:
+                logger.warning(f"{flag(k)} {old} is deprecated and goes in the next release: "
+                               f"use {flag(k)} {renamed[old]}")
+            if renamed:
+                out[k] = [renamed.get(x, x) for x in v] if isinstance(v, list) else renamed.get(v, v)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -66,7 +95,7 @@ class Settings(BaseModel):
 
     @classmethod
     def resumable(cls, name: str) -> bool:
-        return bool((cls.model_fields[name].json_schema_extra or {}).get("resumable"))
+        return bool(_extra(cls.model_fields[name]).get("resumable"))
 
 
 def flag(name: str) -> str:
@@ -107,6 +136,16 @@ BEFORE_THEIR_TIME = {"group_by_length": 1}
 class RunConfig(Settings):
     """Everything that defines a fine-tuning run."""
 
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "task and data": ("task", "template", "data", "train_split", "eval_split", "train_examples", "k_shot",
+                          "max_length"),
+        "training": ("steps", "time_budget", "batch_size", "lr", "eps", "schedule", "schedule_steps",
+                     "schedule_seconds", "weight_decay", "directions", "estimator", "adaptive", "direction_scale",
+                     "n_directions", "clip", "params", "include", "exclude", "group_by_length", "seed"),
+        "evaluation": ("eval_examples", "dev_examples", "eval_every", "eval_subset", "eval_batch_size"),
+        "checkpoints": ("checkpoint_every", "keep_checkpoints"),
+        "engine and target": ("target", "engine", "optimizer", "momentum", "checkpoint_fraction")}
+
     @classmethod
     def from_saved(cls, saved: dict[str, Any], where: str = "") -> Self:
         """The config of a run's config.json (its settings, `recorded` removed), as the run had it."""
@@ -144,16 +183,17 @@ class RunConfig(Settings):
                               "5e-5 (mezo on all), 1e-3 (with --adaptive meazo), 1e-6 (fzoo), 1e-5 (the torch "
                               "engines)", resumable=True, ge=0)
     eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
-    schedule: Literal["constant", "linear", "wsd"] = setting("constant", "learning-rate schedule; linear decays "
+    schedule: Literal[SCHEDULES] = setting("constant", "learning-rate schedule; linear decays "
                                                              "to 0 at schedule_steps; wsd: constant, then linear "
                                                              "to 0 over the last third of schedule_steps; default: "
                                                              "linear (mezo on the vectors), constant")
-    schedule_steps: int | None = setting(None, "steps the schedule spans; default: --steps at the run's start",
-                                         ge=1)
+    schedule_steps: int | None = setting(None, "steps the schedule spans; default: --steps at the run's start "
+                                         "(a resume that raises --steps raises this too, or the extra steps "
+                                         "run at lr 0)", resumable=True, ge=1)
     schedule_seconds: float | None = setting(None, "seconds of steps (train_seconds) the schedule spans as well: "
                                              "each step takes the lower lr of the two spans, so the lr reaches "
                                              "0 when the run ends, by steps or by time; default: --time-budget, "
-                                             "unless --schedule-steps is given", gt=0)
+                                             "unless --schedule-steps is given", resumable=True, gt=0)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
                                   ge=0)
     directions: Literal[KINDS] = setting(DEFAULT_KIND, "distribution of the random directions z (rademacher-counter: "
@@ -198,7 +238,7 @@ class RunConfig(Settings):
     seed: int = setting(0, "seeds the example sample, batch order and directions", ge=0)
     target: str = setting("cpu", "execution-provider target: a name in targets/ or a .toml file",
                           resumable=True, flags=("--provider",))
-    engine: Literal[ENGINES] = setting("ort", "ort: MeZO through ONNX Runtime; the PyTorch baselines (the torch "
+    engine: Literal[ENGINES] = setting("ort", "ort: MeZO through ONNX Runtime; the PyTorch baselines (the export "
                                        "extra): torch-bp, backprop, and torch-mezo, MeZO as its reference code")
     optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "torch-bp: AdamW, SGD, or SGD with momentum")
     momentum: float = setting(0.9, "torch-bp with --optimizer momentum: the momentum", ge=0, lt=1)
@@ -296,7 +336,7 @@ class EvalOptions(Settings):
     max_length: int | None = setting(None, "as for finetune; default: the run's", ge=2)
     seed: int | None = setting(None, "seed of the evaluation sample; default: the run's", ge=0)
     eval_batch_size: int | None = setting(None, "examples per batch; default: the run's", ge=1,
-                                          flags=("--batch-size",))
+                                          deprecated_flags=("--batch-size",))
     target: str | None = setting(None, "execution-provider target; default: the run's", flags=("--provider",))
     calibrate: int | None = setting(None, "also report the accuracy after batch calibration: the mean label-word "
                                     "log-probs of N training rows (labels unused) subtracted before the argmax",
@@ -308,6 +348,9 @@ class EvalOptions(Settings):
 
 class FrozenBaseOptions(Settings):
     """A frozen base (ortzo.model.frozen), for `export` and `prepare` alike."""
+
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "frozen base": ("quantize", "block_size", "symmetric", "embedding", "accuracy_level", "widths", "lora")}
 
     quantize: Literal["none", "int4", "int8"] = setting(
         "none", "a frozen base: the matrices become int4 or int8 constants (ORT's MatMulNBits) and only the vectors "
@@ -321,6 +364,9 @@ class FrozenBaseOptions(Settings):
     accuracy_level: int = setting(4, "with --quantize: MatMulNBits' accuracy_level (4: int8 activations, faster "
                                      "and smaller where measured; 0: fp32 compute from dequantized blocks)",
                                   ge=0, le=4)
+    widths: Literal["uniform", "source"] = setting(
+        "uniform", "with --quantize and a GGUF source: source keeps each matrix the file stores wider than "
+                   "--quantize's bits (Q5_0, Q6_K, Q8_0) at int8, as the app's own file does")
     lora: str | None = setting(None, "add LoRA beside the frozen matrices, e.g. r=8,alpha=16,targets=*q_proj,*v_proj "
                                      "(module globs); makes the base frozen like --quantize")
 
@@ -329,7 +375,8 @@ class FrozenBaseOptions(Settings):
         from .model.lora import LoraSpec
         from .model.quantize import QuantSpec
 
-        return (QuantSpec.named(self.quantize, self.block_size, self.symmetric, self.accuracy_level, self.embedding),
+        return (QuantSpec.named(self.quantize, self.block_size, self.symmetric, self.accuracy_level, self.embedding,
+                                self.widths),
                 LoraSpec.parse(self.lora) if self.lora is not None else None)
 
 
@@ -352,8 +399,10 @@ class MobileOptions(Settings):
 
 class PlacementOptions(Settings):
     model: str = setting(..., "trainable model folder")
-    providers: list[Literal[PROVIDERS]] = setting(list(PROVIDERS), "mobile providers to report",
-                                                  flags=("--provider",), min_length=1)
+    providers: list[Literal[PROVIDERS]] = setting(list(PROVIDERS), "mobile providers to report (coreml: its "
+                                                  "MLProgram format, as the coreml target runs it; coreml-nn: "
+                                                  "NeuralNetwork)", flags=("--provider",), min_length=1,
+                                                  renamed={"coreml-mlprogram": "coreml"})
     batch_size: int = setting(1, "batch rows the shape is fixed at (NNAPI, CoreML and QNN need static shapes)", ge=1)
     seq_len: int = setting(64, "tokens per row the shape is fixed at", ge=1)
 
@@ -375,6 +424,9 @@ class BakeOptions(Settings):
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
     force: bool = setting(False, "replace a non-empty --out")
     adapter: str | None = setting(None, "an .onnx_adapter (ortzo adapter) merged over a model folder's frozen base")
+    weights: str | None = setting(None, "a weight file saved over a model folder (the API's Model.save) to bake in "
+                                        "place of the folder's own")
+    sha256: str | None = setting(None, "with --weights: the sha256 Model.save returned, checked before baking")
 
 
 class AdapterOptions(Settings):
@@ -428,15 +480,19 @@ class BenchExportOptions(FrozenBaseOptions):
 class MemoryOptions(Settings):
     """`ortzo memory`: the memory model (ortzo/memory.py) for one model, or inverted for a budget."""
 
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "budget": ("budget",), "validation": ("validate_folders", "default_malloc", "out")}
+
     model: str | None = setting(None, "alias (see export/), a Hugging Face config.json or a folder holding one, "
                                 "or a trainable folder (its hf_config.json); not needed with --budget")
     batch_size: int = setting(16, "batch rows", ge=1)
     seq_len: int = setting(256, "tokens per row", ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = setting("float32", "weights, activations, gradients and "
                                                                "optimizer state (the engines run float32)")
-    method: Literal["ort-mezo", "torch-mezo", "bp"] | None = setting(None, "show one method; default: all three "
-                                                                     "(--budget's MeZO column: ort-mezo unless "
-                                                                     "torch-mezo is given)")
+    engine: Literal[ENGINES] | None = setting(None, "show one engine (as finetune's --engine; ort is ort-mezo, "
+                                              "torch-bp is bp in the tables); default: all three (--budget's MeZO "
+                                              "column: ort unless torch-mezo is given)", deprecated_flags=("--method",),
+                                              renamed={"ort-mezo": "ort", "bp": "torch-bp"})
     optimizer: Literal["adamw", "sgd", "momentum"] = setting("adamw", "bp: AdamW, SGD, or SGD with momentum")
     checkpoint_fraction: float | None = setting(None, "bp: fraction of the decoder layers checkpointed (they keep "
                                                 "only their input); default: 0, and 1 for --budget's "
@@ -464,10 +520,14 @@ class MemoryOptions(Settings):
 
 def add_options(parser: argparse.ArgumentParser, cls: type[Settings], positional: tuple[str, ...] = (),
                 optional_positional: bool = False) -> None:
-    """One argparse option per field, with its help and default. Options left out of the
-    command line are absent from the parsed namespace, so they never override a file."""
+    """One argparse option per field, with its help and default, under its `groups` section.
+    Options left out of the command line are absent from the parsed namespace, so they never
+    override a file. A required option is required here too, except a run's (its config file
+    or the resumed run may give it)."""
+    titled = {title: parser.add_argument_group(title) for title in cls.groups}
+    sections = {name: titled[title] for title, names in cls.groups.items() for name in names}
     for name, field in cls.model_fields.items():
-        extra = field.json_schema_extra or {}
+        extra = _extra(field)
         kind, optional = _unwrap(field.annotation)
         help = field.description or ""
         if field.is_required():
@@ -483,14 +543,36 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Settings], positional
             if get_origin(kind) is list:  # may it be empty? then the flag alone says so
                 kwargs["nargs"] = "+" if any(getattr(m, "min_length", 0) for m in field.metadata) else "*"
                 kind, _ = _unwrap(get_args(kind)[0])
-            if get_origin(kind) is Literal:
-                kwargs["choices"] = get_args(kind)
+            if get_origin(kind) is Literal:  # the old names of renamed values are accepted, not shown
+                kwargs["choices"] = (*get_args(kind), *extra.get("renamed", {}))
+                kwargs["metavar"] = "{" + ",".join(get_args(kind)) + "}"
             elif optional:
                 kwargs["type"] = _none_or_str
+        section = sections.get(name, parser)
         if name in positional:
-            parser.add_argument(name, nargs="?" if optional_positional else None, **kwargs)
-        else:
-            parser.add_argument(flag(name), *extra.get("flags", ()), dest=name, **kwargs)
+            kwargs.pop("metavar", None)
+            section.add_argument(name, nargs="?" if optional_positional else None, **kwargs)
+            continue
+        section.add_argument(flag(name), *extra.get("flags", ()), dest=name,
+                             required=field.is_required() and cls is not RunConfig, **kwargs)
+        for old in extra.get("deprecated_flags", ()):
+            parser.add_argument(old, dest=name, action=_Deprecated, instead=flag(name),
+                                **kwargs | {"help": argparse.SUPPRESS})
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name: stores its value under the new name and notes the rename in the
+    namespace's `deprecated` list (the CLI warns once its logging is set up)."""
+
+    def __init__(self, *args: Any, instead: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.__dict__.setdefault("deprecated", []).append(
+            f"{option_string} is deprecated and goes in the next release: use {self.instead}")
 
 
 def given(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:

@@ -36,13 +36,14 @@ here does. L'/L is read as the fraction of layers checkpointed (recomputed), as 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from .errors import OrtzoError
 
@@ -559,17 +560,12 @@ def _backprop(a: Arch, batch: int, seq: int, c: int, optimizer: str, fraction: f
 
 # ----------------------------------------------------------------------------- budget, aliases
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_size(text: str) -> int:
-    """Bytes of a size such as 17GB (10^9) or 16GiB (2^30); a bare number is bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise OrtzoError(f"bad memory size {text!r}: expected a number and a unit, e.g. 17GB or 16GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+    """Bytes of a size such as 17GB (10^9) or 16GiB (2^30); a bare number is bytes (pydantic's ByteSize)."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise OrtzoError(f"bad memory size {text!r}: expected a number and a unit, e.g. 17GB or 16GiB") from None
 
 
 def alias_config(alias: str) -> dict[str, Any] | None:

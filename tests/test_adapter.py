@@ -130,6 +130,9 @@ def test_bad_inputs_are_one_line(tiny_hf, tiny_model, tiny_data, int4_lora, run,
     _expect_error(capsys, ["export", str(tiny_hf), "--out", str(tmp_path / "x"), "--quantize", "int3"], "--quantize")
     _expect_error(capsys, ["export", str(tiny_hf), "--out", str(tmp_path / "x"), "--quantize", "int4",
                            "--block-size", "48"], "a power of 2")
+    _expect_error(capsys, ["export", str(tiny_hf), "--out", str(tmp_path / "x"), "--quantize", "int4",
+                           "--widths", "source"], "this source is not a GGUF file")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))  # refused before anything is written
     _expect_error(capsys, ["adapter", str(tiny_model), "--out", str(tmp_path / "a.onnx_adapter")], "no frozen base")
     _expect_error(capsys, ["adapter", str(run), "--out", str(tmp_path / "a.bin")], "ends in .onnx_adapter")
     good = tmp_path / "good.onnx_adapter"

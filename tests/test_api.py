@@ -3,6 +3,7 @@ set of bound buffers, against values the tests compute themselves."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -162,3 +163,108 @@ print(clf.accuracy(rows))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_fit_reproduces_the_cli_default_recipe_step_for_step(tiny_model, tiny_data, tmp_path):
+    """The docstring's recipe from Python: the same seeds, projected gradients, scheduled lrs
+    and final weights as `ortzo finetune` with its defaults."""
+    from ortzo.cli import main
+
+    run = tmp_path / "run"
+    assert main(["finetune", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--out", str(run),
+                 "--steps", "6", "--batch-size", "8"]) == 0
+    cli = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    model = ortzo.open(tiny_model).train(params="vectors", lr=2e-4, clip=30)
+    clf = model.classifier("sst2")
+    records = model.fit(clf.batches(_rows(tiny_data), 8), clf.loss, steps=6, schedule="linear", progress=False)
+    assert [r.lr for r in records] == pytest.approx([2e-4 * (1 - t / 6) for t in range(6)], rel=1e-12)
+    assert [(r.seed, list(r.grads), r.lr) for r in records] == [(c["seed"], c["grads"], c["lr"]) for c in cli]
+    model.save(tmp_path / "api.bin")
+    assert (tmp_path / "api.bin").read_bytes() == (run / "checkpoints/step-0000006/weights.bin").read_bytes()
+
+
+def test_fit_ends_by_epochs_or_time_and_refuses_batches_that_never_end(tiny_model, tiny_data):
+    model = ortzo.open(tiny_model).train(lr=1e-3, seed=4)
+    clf = model.classifier("sst2", template="mezo")
+    rows = _rows(tiny_data)  # 64 rows: 8 batches of 8 an epoch
+    with pytest.raises(OrtzoError, match="never end"):
+        model.fit(clf.batches(rows, 8), clf.loss, progress=False)
+    assert model.records == []
+    assert len(model.fit(clf.batches(rows, 8), clf.loss, epochs=2, progress=False)) == 16
+
+    seen = []
+    fixed = [clf.batch(rows[i:i + 4]) for i in (0, 4, 8)]
+    records = model.fit(fixed, lambda out, b: seen.append(b) or clf.loss(out, b), epochs=2, schedule="linear",
+                        progress=False)
+    assert [id(b) for b in seen[::2]] == [id(b) for b in fixed * 2]  # a list: passes in order, twice (2 losses a step)
+    assert [r.lr for r in records] == pytest.approx([1e-3 * (1 - t / 6) for t in range(6)])
+
+    one = model.fit(clf.batches(rows, 8), clf.loss, time_budget=1e-9, schedule="linear", progress=False)
+    assert len(one) == 1 and one[0].lr == 1e-3  # by time: the first step at the full lr, then the budget is spent
+    for kwargs, message in (({"steps": 2, "epochs": 1}, "not both"), ({"steps": 2, "schedule": "cosine"}, "cosine"),
+                            ({"epochs": 0}, "epochs >= 1")):
+        with pytest.raises(OrtzoError, match=message):
+            model.fit(clf.batches(rows, 8), clf.loss, progress=False, **kwargs)
+    with pytest.raises(OrtzoError, match="sized"):
+        model.fit(iter(fixed), clf.loss, epochs=1, progress=False)
+    with pytest.raises(OrtzoError, match="batch_size 65"):
+        clf.batches(rows, 65)
+
+
+def test_open_takes_weights_it_saved_without_their_hash(tiny_model, tiny_data, tmp_path):
+    model = ortzo.open(tiny_model).train(lr=5e-3, seed=2)
+    clf = model.classifier("sst2", template="mezo")
+    model.fit(clf.batches(_rows(tiny_data), 8), clf.loss, steps=2, progress=False)
+    sha = model.save(tmp_path / "tuned.bin")
+    feeds = clf.batch(_rows(tiny_data)[:4]).feeds
+    for reopened in (ortzo.open(tiny_model, weights=tmp_path / "tuned.bin"),
+                     ortzo.open(tiny_model, weights=tmp_path / "tuned.bin", sha256=sha)):
+        np.testing.assert_array_equal(reopened.run(feeds)["scores"], model.run(feeds)["scores"])
+    with pytest.raises(OrtzoError, match="checksum mismatch"):
+        ortzo.open(tiny_model, weights=tmp_path / "tuned.bin", sha256="0" * 64)
+    (tmp_path / "short.bin").write_bytes(b"abc")
+    with pytest.raises(OrtzoError, match="has 3 bytes"):
+        ortzo.open(tiny_model, weights=tmp_path / "short.bin")
+    data = bytearray((tiny_model / "weights.bin").read_bytes())
+    data[100] ^= 1
+    corrupt = tmp_path / "copy"
+    shutil.copytree(tiny_model, corrupt)
+    (corrupt / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(OrtzoError, match="checksum mismatch"):  # the folder's own file: always its manifest's hash
+        ortzo.open(corrupt)
+
+
+def test_the_root_exports_keep_builtins_and_name_the_version():
+    code = """
+import builtins, importlib.metadata, importlib.resources
+from ortzo import *
+import ortzo
+assert open is builtins.open, open
+assert issubclass(OrtzoError, Exception) and OrtzoError is ortzo.errors.OrtzoError
+assert ortzo.__version__ == importlib.metadata.version("ortzo")
+assert importlib.resources.files("ortzo").joinpath("py.typed").is_file()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert callable(ortzo.open) and ortzo.open is not open
+
+
+def test_a_prepared_causal_lm_generates_what_transformers_does(tiny_hf, tmp_path):
+    """`generate` on someone else's causal LM (`ortzo prepare` of Optimum's plain export): its
+    own graph gives the logits, greedy tokens equal transformers' over the same weights."""
+    import torch
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main_export(str(tiny_hf), output=str(tmp_path / "onnx"), task="text-generation", no_post_process=True)
+    folder = ortzo.prepare(tmp_path / "onnx" / "model.onnx", tmp_path / "prepared",
+                           tokenizer=tiny_hf / "tokenizer.json")
+    model = ortzo.open(folder)
+    text = model.generate("great movie and the", max_new_tokens=6)
+    tok = AutoTokenizer.from_pretrained(tiny_hf)
+    ids = tok("great movie and the", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tiny_hf).generate(ids, max_new_tokens=6, do_sample=False,
+                                                                     eos_token_id=None, pad_token_id=0)
+    assert model.tokenizer.encode("great movie and the") == ids[0].tolist()
+    assert text == model.tokenizer.decode(ref[0, ids.shape[1]:].tolist()) and text

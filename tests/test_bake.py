@@ -1,6 +1,8 @@
 """`ortzo bake` and the full-logits graph: the baked model computes the trainable graph's
 scores as full logits, with a run's fine-tuned weights, loads in plain onnxruntime and in
-Optimum, generates, and a bad input is one line that leaves everything as it was."""
+Optimum with its KV cache, generates as transformers does, a prepared folder bakes into its
+original graph with the trained weights, and a bad input is one line that leaves everything as
+it was."""
 from __future__ import annotations
 
 import json
@@ -15,22 +17,25 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import ortzo
 from ortzo.cli import main
 from ortzo.model.bake import DATA, MODEL
-from ortzo.recipes.bake import bake
+from ortzo.recipes.bake import bake, weights_at
 from ortzo.model.logits import LOGITS
-from ortzo.model.manifest import MANIFEST, Manifest
+from ortzo.model.manifest import HF_CONFIG, MANIFEST, Manifest
 from ortzo.model.tokenizer import Tokenizer
 from ortzo.model.weights import WeightStore
 from ortzo.run import checkpoint
 from ortzo.tasks.batches import collate
 
 from conftest import open_folder
+from test_prepare import feeds as bert_feeds, make_tiny_bert, reference
 from tiny import VOCAB, make_tiny_llama
 
 TRAIN = ["--task", "sst2", "--batch-size", "8", "--lr", "5e-3", "--eval-every", "6", "--checkpoint-every", "4",
          "--train-examples", "48", "--eval-examples", "8", "--params", "all"]  # matrices change too
 PROMPT = "the film was great and the plot"
+DATA_INPUTS = ("input_ids", "attention_mask", "position_ids")
 ENGINES = ("ort", "torch-mezo")
 
 
@@ -43,6 +48,12 @@ def untied_fp16(tmp_path_factory) -> Path:
     out = root / "out"
     export_model(str(make_tiny_llama(root / "hf", seed=1, tie=False)), out, dtype="float16", say=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """Optimum's text-classification export of a tiny BERT: someone else's ONNX model."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +76,16 @@ def _feeds() -> dict[str, np.ndarray]:
     return feeds
 
 
-def _baked_logits(out: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def _baked_logits(out: Path, feeds: dict[str, np.ndarray], cache: bool = True) -> np.ndarray:
+    """The baked model's logits over the whole batch, from an empty KV cache where it has one."""
     session = ort.InferenceSession(str(out / MODEL), providers=["CPUExecutionProvider"])
-    assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "position_ids"}
-    return session.run(["logits"], {k: feeds[k] for k in ("input_ids", "attention_mask", "position_ids")})[0]
+    past = {i.name: np.zeros((len(feeds["input_ids"]), i.shape[1], 0, i.shape[3]), np.float32)
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    assert bool(past) == cache and {i.name for i in session.get_inputs()} == {*DATA_INPUTS, *past}
+    if cache:  # two layers, a key and a value each; a present for each past
+        assert len(past) == 4 and {o.name for o in session.get_outputs()} == {
+            "logits", *(n.replace("past_key_values.", "present.") for n in past)}
+    return session.run(["logits"], {k: feeds[k] for k in DATA_INPUTS} | past)[0]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -183,7 +200,45 @@ def test_a_replayed_step_equals_a_run_that_stopped_there(model, request, tiny_da
     assert all(np.array_equal(a[n], b[n]) for n in a)
 
 
-def test_optimum_generates_what_an_argmax_loop_over_the_baked_model_does(tiny_model, tmp_path):
+def _torch_model(hf: Path, store: WeightStore):
+    """transformers' model of `hf`'s config with the store's weights (in PyTorch's layout: a
+    PyTorch engine's store is in it already)."""
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    layout = {p.name: p.transposed and p.name not in store.flipped for p in store.manifest.parameters}
+    state = {n: torch.tensor(np.ascontiguousarray(a.T if layout[n] else a), dtype=torch.float32)
+             for n, a in store.arrays.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= set(store.manifest.tied), missing  # tied: one tensor
+    return model
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_optimum_loads_the_baked_causal_lm_with_its_kv_cache_and_generates_as_transformers(engine, runs, tiny_hf,
+                                                                                          tmp_path):
+    """Optimum's from_pretrained with its defaults (use_cache=True) loads the baked run, which
+    has a KV cache, and generates greedily what transformers generates with the run's weights."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = tmp_path / "baked"
+    bake(runs[engine], out, say=lambda _: None)
+    graph = onnx.load(str(out / MODEL), load_external_data=False).graph
+    assert [i.name for i in graph.input if i.name.startswith("past_key_values.")] == [
+        f"past_key_values.{layer}.{kv}" for layer in range(2) for kv in ("key", "value")]
+    model = ORTModelForCausalLM.from_pretrained(out)
+    assert model.can_use_cache and model.config.use_cache
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(["the film was great and the plot", "it was boring"], return_tensors="pt", padding=True)
+    assert tokenizer.padding_side == "left" and (ids["attention_mask"][:, 0] == 0).any()  # a ragged batch
+    generated = model.generate(**ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    _, store, _ = weights_at(runs[engine])
+    with torch.no_grad():
+        want = _torch_model(tiny_hf, store).generate(**ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert generated.tolist() == want.tolist()
+
+
+def test_the_kv_cache_computes_what_the_whole_sequence_does(tiny_model, tmp_path):
+    """Optimum's cached generation is an argmax loop over the baked model rerun on the whole
+    sequence from an empty cache."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
     out = tmp_path / "baked"
@@ -191,18 +246,135 @@ def test_optimum_generates_what_an_argmax_loop_over_the_baked_model_does(tiny_mo
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer(PROMPT, return_tensors="pt")
     assert ids["input_ids"][0].tolist() == Tokenizer(tiny_model, Manifest.load(tiny_model).tokenizer).encode(PROMPT)
-    model = ORTModelForCausalLM.from_pretrained(out, use_cache=False)
-    generated = model.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist()
-    session = ort.InferenceSession(str(out / MODEL), providers=["CPUExecutionProvider"])
+    generated = ORTModelForCausalLM.from_pretrained(out).generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist()
     tokens, eos = ids["input_ids"][0].tolist(), json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     for _ in range(8):
         x = np.array([tokens])
-        logits = session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x),
-                                          "position_ids": np.arange(x.shape[1])[None]})[0]
+        logits = _baked_logits(out, {"input_ids": x, "attention_mask": np.ones_like(x),
+                                     "position_ids": np.arange(x.shape[1])[None]})
         tokens.append(int(logits[0, -1].argmax()))
         if tokens[-1] == eos:
             break
     assert generated == tokens
+
+
+def test_without_the_export_extra_the_baked_model_has_no_cache_and_says_so(tiny_model, tmp_path, monkeypatch):
+    """The KV-cache graph is traced with Optimum; without it the full-logits graph is baked, which
+    Optimum loads with use_cache=False, and one line says so."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    import ortzo.model.bake
+
+    from ortzo.extras import MissingExtra
+
+    def no_torch(extra, what="this"):
+        raise MissingExtra(extra, "torch", what)
+    monkeypatch.setattr(ortzo.model.bake, "require", no_torch)
+    said: list[str] = []
+    bake(tiny_model, tmp_path / "baked", say=said.append)
+    assert len(said) == 1 and "torch is missing" in said[0] and "use_cache=False" in said[0] and "\n" not in said[0]
+    feeds = _feeds()
+    store, session = open_folder(tiny_model)
+    b, s = feeds["input_ids"].shape
+    rows = _log_softmax(_baked_logits(tmp_path / "baked", feeds, cache=False)).reshape(b * s, -1)[feeds["score_index"]]
+    np.testing.assert_allclose(session(feeds), np.take_along_axis(rows, feeds["score_ids"], 1), rtol=0, atol=1e-5)
+    ids = AutoTokenizer.from_pretrained(tmp_path / "baked")(PROMPT, return_tensors="pt")
+    with pytest.raises(ValueError, match="does not support pkv cache"):  # Optimum's own message
+        ORTModelForCausalLM.from_pretrained(tmp_path / "baked").generate(**ids, max_new_tokens=4)
+    model = ORTModelForCausalLM.from_pretrained(tmp_path / "baked", use_cache=False)
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def _trained(folder: Path, out: Path, params: str = "all") -> tuple[Path, str]:
+    """A few MeZO steps over the prepared folder through the API (cross-entropy of its logits on
+    made-up labels), saved as a weight file: (the file, its sha256)."""
+    labels = np.array([1, 0, 0, 1])
+
+    def loss(outputs: dict[str, np.ndarray]) -> float:
+        logp = _log_softmax(outputs["logits"].astype(np.float64))
+        return float(-logp[np.arange(len(labels)), labels].mean())
+
+    model = ortzo.open(folder).train(lr=0.5, eps=1e-2, params=params)
+    for _ in range(3):
+        model.step(bert_feeds(folder / "model.onnx"), loss)
+    return out, model.save(out)
+
+
+def _substituted(original: Path, values: dict[str, np.ndarray], out: Path) -> Path:
+    """The original ONNX model with the initializers `values` names holding those values."""
+    model = onnx.load(str(original))
+    found = set()
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values[init.name]), init.name))
+            found.add(init.name)
+    assert found == values.keys()
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_prepared_model_bakes_into_its_own_graph_with_the_trained_weights(tiny_bert, tmp_path):
+    """The baked model is the original ONNX model with each trained initializer's value replaced
+    by the run's (the test substitutes them itself), run by plain onnxruntime."""
+    folder = ortzo.prepare(tiny_bert, tmp_path / "m")
+    weights, sha = _trained(folder, tmp_path / "trained.bin")
+    before = _snapshot(folder)
+    bake(folder, tmp_path / "baked", weights=weights, sha256=sha, say=lambda _: None)
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in (tmp_path / "baked").iterdir()) == [MODEL, DATA, "tokenizer.json"]
+    assert (tmp_path / "baked" / "tokenizer.json").read_bytes() == (tiny_bert.parent / "tokenizer.json").read_bytes()
+    trained = dict(ortzo.open(folder, weights=weights, sha256=sha).store.arrays)
+    untrained = ortzo.open(folder).store.arrays
+    assert sum(not np.array_equal(trained[n], untrained[n]) for n in trained) > 10  # the run changed them
+    batch = bert_feeds(tiny_bert)
+    got = reference(tmp_path / "baked" / MODEL, batch)["logits"]
+    want = reference(_substituted(tiny_bert, trained, tmp_path / "substituted.onnx"), batch)["logits"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert np.abs(want - reference(tiny_bert, batch)["logits"]).max() > 1e-3  # the trained weights matter
+    np.testing.assert_allclose(got, ortzo.open(folder, weights=weights).run(batch)["logits"], rtol=0, atol=1e-5)
+    inits = {t.name: t for t in onnx.load(str(tmp_path / "baked" / MODEL), load_external_data=False).graph.initializer}
+    original = onnx.load(str(tiny_bert), load_external_data=False).graph
+    assert inits.keys() == {t.name for t in original.initializer}  # names, dtypes and shapes as the original's
+    assert all(inits[t.name].data_type == t.data_type and inits[t.name].dims == t.dims for t in original.initializer)
+    baked = onnx.load(str(tmp_path / "baked" / MODEL), load_external_data=False).graph
+    assert [i.name for i in baked.input] == [i.name for i in original.input]  # the data inputs, as before
+    assert [o.name for o in baked.output] == [o.name for o in original.output]
+    assert main(["bake", str(folder), "--out", str(tmp_path / "as-prepared")]) == 0  # the folder's own weights
+    np.testing.assert_allclose(reference(tmp_path / "as-prepared" / MODEL, batch)["logits"],
+                               reference(tiny_bert, batch)["logits"], rtol=0, atol=1e-5)
+    assert main(["bake", str(folder), "--weights", str(weights), "--sha256", sha,  # the API's saved file, by CLI
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / DATA).read_bytes() == (tmp_path / "baked" / DATA).read_bytes()
+    assert main(["bake", str(folder), "--weights", str(weights), "--sha256", "0" * 64,
+                 "--out", str(tmp_path / "bad-sha")]) == 2 and not (tmp_path / "bad-sha").exists()
+
+
+def test_a_prepared_frozen_int4_base_bakes_with_its_trained_vectors(tiny_bert, tmp_path):
+    """`prepare --quantize int4 --lora`, its vectors trained: the baked model keeps the base as
+    the folder holds it; plain onnxruntime on the original file with each quantized matrix
+    dequantized and each vector the run's (the test's own arithmetic and substitution) computes
+    what it computes (LoRA B starts at zero and did not train)."""
+    from test_frozen import _dequantized
+
+    folder = tmp_path / "q"
+    assert main(["prepare", str(tiny_bert), "--out", str(folder), "--quantize", "int4", "--block-size", "16",
+                 "--accuracy-level", "0", "--lora", "r=2,targets=onnx::MatMul_*"]) == 0
+    weights, sha = _trained(folder, tmp_path / "trained.bin", params="vectors")
+    bake(folder, tmp_path / "baked", weights=weights, sha256=sha, say=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "baked").iterdir()) == [MODEL, DATA, "tokenizer.json"]
+    m = Manifest.load(folder)
+    store = ortzo.open(folder, weights=weights, sha256=sha).store
+    values = {n: a for n, a in store.arrays.items() if a.ndim == 1}
+    assert any(not np.array_equal(a, ortzo.open(folder).store.arrays[n]) for n, a in values.items())
+    for f in m.base["frozen"]:
+        if f["stored"].startswith("int"):
+            deq = _dequantized(folder, f["name"], int(f["stored"][3:]), 16, *f["k_n"]).astype(np.float32)
+            values[f["name"]] = deq.T if f["stored_out_in"] else deq
+    batch = bert_feeds(tiny_bert)
+    want = reference(_substituted(tiny_bert, values, tmp_path / "substituted.onnx"), batch)["logits"]
+    np.testing.assert_allclose(reference(tmp_path / "baked" / MODEL, batch)["logits"], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(reference(tmp_path / "baked" / MODEL, batch)["logits"],
+                               ortzo.open(folder, weights=weights).run(batch)["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
@@ -260,7 +432,7 @@ def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, c
     out = tmp_path / "baked"
     _expect_error(capsys, ["bake", str(tmp_path / "nope"), "--out", str(out)], "neither a trainable model folder")
     _expect_error(capsys, ["bake", str(tiny_model), "--out", str(out), "--step", "2"], "--step needs a run folder")
-    _expect_error(capsys, ["bake", str(tiny_model)], "missing setting 'out'")
+    _expect_error(capsys, ["bake", str(tiny_model)], "required: --out")
     _expect_error(capsys, ["bake", str(runs["ort"]), "--out", str(out), "--step", "7"], "cannot restore step 7")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_model, corrupt)
@@ -268,10 +440,10 @@ def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, c
     before = _snapshot(corrupt)
     _expect_error(capsys, ["bake", str(corrupt), "--out", str(out)], "corrupt manifest")
     assert _snapshot(corrupt) == before
-    headless = tmp_path / "headless"  # e.g. a folder `ortzo prepare` made of a graph without ortzo's head
-    shutil.copytree(tiny_model, headless)
-    shutil.copy(tiny_model / LOGITS, headless / "model.onnx")
-    _expect_error(capsys, ["bake", str(headless), "--out", str(out)], "no ortzo scoring head")
+    configless = tmp_path / "configless"  # an exported folder that lost its Hugging Face config
+    shutil.copytree(tiny_model, configless)
+    (configless / HF_CONFIG).unlink()
+    _expect_error(capsys, ["bake", str(configless), "--out", str(out)], "export it again")
     assert not out.exists()
     out.mkdir()
     (out / "mine.txt").write_text("precious")
@@ -283,4 +455,4 @@ def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, c
     for target in (model, tmp_path):  # --force never replaces what bake reads
         _expect_error(capsys, ["bake", str(model), "--out", str(target), "--force"], "which bake reads")
     assert _snapshot(model) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "corrupt", "headless", "model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "configless", "corrupt", "model"]

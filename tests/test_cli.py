@@ -3,6 +3,7 @@ can make (one line on stderr, exit 2, nothing of theirs touched)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_params_vectors_trains_the_one_dimensional_parameters_only(tiny_model, t
     assert _finetune(tiny_model, tiny_data, run, "--params", "vectors") == 0
     params = json.loads((tiny_model / "manifest.json").read_text())["parameters"]
     vectors = [p for p in params if len(p["shape"]) == 1]
-    assert f"{sum(p['shape'][0] for p in vectors):,} of " in capsys.readouterr().out
+    assert f"{sum(p['shape'][0] for p in vectors):,} of " in capsys.readouterr().err
     before = (tiny_model / "weights.bin").read_bytes()
     after = (run / "checkpoints/step-0000012/weights.bin").read_bytes()
     for p in params:
@@ -143,7 +144,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model, tiny_data,
         f.write('{"step": 10, "seed"')
     capsys.readouterr()
     assert main(["finetune", "--resume", "--out", str(parts), "--steps", "12"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "dropped an incomplete last line" in out
     final = "checkpoints/step-0000012/weights.bin"
     assert (whole / final).read_bytes() == (parts / final).read_bytes()
@@ -163,7 +164,7 @@ def test_resume_continues_an_fp16_run_through_its_masters(tiny_model_fp16, tiny_
             (parts / "checkpoints/step-0000012" / name).read_bytes()
 
 
-def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tmp_path, capsys):
+def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     assert _finetune(tiny_model, tiny_data, run, "--steps", "6", "--schedule", "linear") == 0
     _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--seed", "3"], "--seed")
@@ -176,10 +177,16 @@ def test_resume_may_change_the_resumable_settings_only(tiny_model, tiny_data, tm
     assert [s["lr"] for s in steps[:6]] == pytest.approx([5e-3 * (1 - t / 6) for t in range(6)])
     assert [s["lr"] for s in steps[6:]] == [0.0] * 4
     assert all(abs(s["grads"][0]) <= 2 for s in steps[6:])
+    assert "steps 7-10 run at lr 0 (pass --schedule-steps 10" in caplog.text  # said, not silent
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["lr"] == 1e-3 and cfg["clip"] == 2 and cfg["steps"] == 10 and cfg["seed"] == 0
     assert cfg["recorded"]["resumes"] == [{"at_step": 6, "changed": {"steps": [6, 10], "lr": [5e-3, 1e-3],
                                                                      "clip": [30.0, 2.0]}}]
+    caplog.clear()  # a resume that stretches the schedule: the lr picks up on the new span, no warning
+    assert main(["finetune", "--resume", "--out", str(run), "--steps", "14", "--schedule-steps", "20"]) == 0
+    assert [s["lr"] for s in _lines(run / "steps.jsonl")[10:]] == pytest.approx([1e-3 * (1 - t / 20)
+                                                                                 for t in range(10, 14)])
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "lr 0" in r.getMessage()]
 
 
 def test_a_non_finite_loss_stops_the_run_and_a_smaller_lr_continues_it(tiny_model, tiny_data, tmp_path, capsys,
@@ -406,7 +413,7 @@ def test_a_time_budget_spans_the_lr_schedule_and_a_longer_one_never_raises_it(ti
     run = tmp_path / "run"
     assert _finetune(tiny_model, tiny_data, run, "--steps", "100000", "--time-budget", "0.5", "--schedule",
                      "linear") == 0
-    assert "lr 0.005 (linear over 100000 steps or 0.5 s of steps, whichever ends first)" in capsys.readouterr().out
+    assert "lr 0.005 (linear over 100000 steps or 0.5 s of steps, whichever ends first)" in capsys.readouterr().err
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["schedule_steps"], cfg["schedule_seconds"]) == (100000, 0.5)
     steps = _lines(run / "steps.jsonl")
@@ -451,7 +458,7 @@ def test_meazo_divides_each_lr_by_the_moment_of_the_logged_gradients_and_resumes
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     meazo = ["--adaptive", "meazo", "--lr", "1e-3", "--schedule", "linear"]
     assert _finetune(tiny_model, tiny_data, whole, *meazo) == 0
-    assert "MEAZO's adaptive step" in capsys.readouterr().out
+    assert "MEAZO's adaptive step" in capsys.readouterr().err
     steps = _lines(whole / "steps.jsonl")
     v, want = 0.0, []
     for t, s in enumerate(steps):  # the moment, in the test's own loop over the logged gradients
@@ -488,7 +495,7 @@ def test_weight_rms_direction_scales_are_recorded_applied_and_replayed(tiny_mode
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     scaled = ["--params", "vectors", "--direction-scale", "weight-rms", "--schedule", "linear"]
     assert _finetune(tiny_model, tiny_data, whole, *scaled, "--keep-checkpoints", "3") == 0
-    assert "directions scaled by weight-rms" in capsys.readouterr().out
+    assert "directions scaled by weight-rms" in capsys.readouterr().err
     manifest = json.loads((tiny_model / "manifest.json").read_text())
     vectors = [p for p in manifest["parameters"] if len(p["shape"]) == 1]
     w0 = {p["name"]: np.frombuffer((tiny_model / "weights.bin").read_bytes(), np.float32, p["shape"][0],
@@ -539,3 +546,200 @@ def test_corrupt_recorded_direction_scales_are_one_line(tiny_model, tiny_data, t
         _expect_error(capsys, ["eval", str(run)], message)
         _expect_error(capsys, ["finetune", "--resume", "--out", str(run), "--steps", "6"], message)
     assert len(_lines(run / "steps.jsonl")) == 4  # nothing of the run was touched
+
+
+# ------------------------------------------------------------------ the CLI's surface (issue 26)
+
+def test_version_is_the_installed_one(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"ortzo {version('ortzo')}\n"
+
+
+def _bars(err):
+    """tqdm's bars in `err`: each shows its elapsed time, [mm:ss."""
+    return re.findall(r"\[\d+:\d\d", err)
+
+
+def test_progress_and_notes_go_to_the_ortzo_logger_on_stderr_and_quiet_silences_them(
+        tiny_model, tiny_data, tmp_path, capsys):
+    assert _finetune(tiny_model, tiny_data, tmp_path / "a", "--steps", "2") == 0
+    out, err = capsys.readouterr()
+    assert list(json.loads(out)) and "recipe: prompt" in err and _bars(err)  # stdout: the result alone
+    for quiet in (["--quiet"], ["--log-level", "warning"]):
+        argv = ["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(tmp_path / quiet[-1]), *TRAIN,
+                "--steps", "2"]
+        for where in (argv[:1] + quiet + argv[1:], quiet + argv):  # after the command or before it
+            shutil.rmtree(tmp_path / quiet[-1], ignore_errors=True)
+            assert main(where) == 0
+            out, err = capsys.readouterr()
+            assert list(json.loads(out)) and "recipe: prompt" not in err
+            assert not _bars(err) or quiet == ["--log-level", "warning"], err
+
+
+def test_tqdm_disable_hides_every_bar(tiny_model, tiny_data, tmp_path):
+    """tqdm reads TQDM_* when it is imported, and only for arguments a bar does not pass."""
+    import os
+
+    def run(out, **env):
+        argv = ["finetune", tiny_model, "--data", tiny_data, "--out", out, *TRAIN, "--steps", "2"]
+        r = subprocess.run([sys.executable, "-m", "ortzo.cli", *map(str, argv)], capture_output=True, text=True,
+                           env=os.environ | env)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    assert _bars(run(tmp_path / "a"))  # the step bar and the evaluations'
+    assert not _bars(run(tmp_path / "b", TQDM_DISABLE="1"))
+
+
+def test_importing_ortzo_configures_no_logging():
+    code = ("import logging, ortzo, ortzo.cli\n"
+            "assert logging.getLogger('ortzo').handlers == [] and logging.root.handlers == []\n"
+            "assert logging.getLogger('ortzo').level == logging.NOTSET")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_export_and_the_ort_converter_silence_only_their_own_loggers(tiny_model, tmp_path, caplog, monkeypatch):
+    """No process-wide logging.disable: a host app's records still flow while they run."""
+    import logging
+
+    import onnxruntime.tools.convert_onnx_models_to_ort as converter
+
+    from ortzo.model.export import _quiet
+    from ortzo.model.mobile import add_ort_graph
+
+    host, exporter = logging.getLogger("host_app"), logging.getLogger("transformers")
+    level = exporter.level
+    caplog.set_level(logging.INFO)
+    with _quiet():
+        host.info("during an export")
+        assert exporter.getEffectiveLevel() >= logging.ERROR
+    real = converter.convert_onnx_models_to_ort
+    monkeypatch.setattr(converter, "convert_onnx_models_to_ort", lambda *a, **k: host.info("during a conversion")
+                        or real(*a, **k))
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    add_ort_graph(folder)
+    assert [r.getMessage() for r in caplog.records if r.name == "host_app"] == ["during an export",
+                                                                               "during a conversion"]
+    assert logging.root.manager.disable == logging.NOTSET and exporter.level == level
+
+
+def _one_line(capsys, argv, extra, module):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ortzo: error: ortzo {argv[0]} needs the {extra!r} extra: pip install 'ortzo[{extra}]' "
+                   f"(No module named {module!r})\n"), err
+
+
+@pytest.mark.parametrize("command", ["prepare", "bake", "mobile", "placement"])
+def test_a_command_without_onnx_names_the_onnx_extra(command, tiny_model, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*")if p.is_file()}
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    argv = {"prepare": [str(folder / "model.onnx"), "--out", str(tmp_path / "out")],
+            "bake": [str(folder), "--out", str(tmp_path / "out")], "mobile": [str(folder)],
+            "placement": [str(folder)]}[command]
+    _one_line(capsys, [command, *argv], "onnx", "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_export_without_torch_names_the_export_extra_and_leaves_nothing(tiny_hf, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    _one_line(capsys, ["export", str(tiny_hf), "--out", str(tmp_path / "out" / "e")], "export", "torch")
+    assert list(tmp_path.iterdir()) == []  # no .e.partial, no lock file, no folder
+
+
+def test_a_torch_engine_without_torch_names_the_export_extra(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    capsys.readouterr()
+    assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--task", "sst2", "--engine", "torch-bp",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("ortzo: error: --engine torch-bp needs the 'export' extra: "
+                                       "pip install 'ortzo[export]' (No module named 'torch')\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_without_matplotlib_completes_without_its_plot(tiny_model, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert _finetune(tiny_model, tiny_data, tmp_path / "run", "--steps", "2") == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "plots" in line] == [
+        f"{tmp_path / 'run' / 'curve.png'} not drawn: plots need the 'plots' extra: pip install 'ortzo[plots]'"]
+    assert not (tmp_path / "run" / "curve.png").exists() and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_eval_batch_size_is_named_as_finetunes_and_the_old_flag_still_works(tiny_model, tiny_data, tmp_path,
+                                                                              capsys):
+    results = []
+    for flag_ in ("--eval-batch-size", "--batch-size"):
+        capsys.readouterr()
+        assert main(["eval", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--eval-examples", "8",
+                     flag_, "3"]) == 0
+        out, err = capsys.readouterr()
+        results.append(json.loads(out))
+        deprecated = [line for line in err.splitlines() if "deprecated" in line]
+        assert deprecated == ([] if flag_ == "--eval-batch-size" else
+                              ["--batch-size is deprecated and goes in the next release: use --eval-batch-size"])
+    assert results[0] == results[1]
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--batch-size" not in capsys.readouterr().out.replace("--eval-batch-size", "")
+
+
+def test_memory_takes_the_engine_names_and_the_old_method_flag_and_names_with_a_warning(capsys):
+    tables = {}
+    for argv in (["--engine", "torch-bp"], ["--method", "torch-bp"], ["--method", "bp"], ["--engine", "ort"],
+                 ["--method", "ort-mezo"]):
+        capsys.readouterr()
+        assert main(["memory", "gpt2", *argv]) == 0
+        out, err = capsys.readouterr()
+        tables[tuple(argv)] = out
+        olds = (argv[0] == "--method") + (argv[1] in ("bp", "ort-mezo"))  # the old flag, the old value
+        assert err.count("is deprecated") == err.count("\n") == olds, err
+    assert tables["--engine", "torch-bp"] == tables["--method", "torch-bp"] == tables["--method", "bp"]
+    assert tables["--engine", "ort"] == tables["--method", "ort-mezo"] != tables["--engine", "torch-bp"]
+    _expect_error(capsys, ["memory", "gpt2", "--engine", "bogus"], "invalid choice")
+
+
+def test_placement_takes_the_coreml_target_name(tiny_model, capfd):
+    assert main(["placement", str(tiny_model), "--provider", "coreml"]) == 0
+    new = capfd.readouterr()
+    assert "### coreml\n" in new.out and "deprecated" not in new.err
+    assert main(["placement", str(tiny_model), "--provider", "coreml-mlprogram"]) == 0
+    old = capfd.readouterr()
+    assert old.out == new.out and "--providers coreml-mlprogram is deprecated" in old.err
+
+
+def test_required_options_show_as_required_and_missing_ones_are_one_line(capsys):
+    for command in ("export", "prepare", "bake", "adapter", "compare"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+        assert " --out OUT" in usage and "[--out OUT]" not in usage, usage
+    _expect_error(capsys, ["export", "somewhere"], "the following arguments are required: --out")
+
+
+def test_help_is_grouped_and_names_extras_that_exist(capsys):
+    import tomllib
+    from pathlib import Path
+
+    from ortzo.config import RunConfig
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {n for names in RunConfig.groups.values() for n in names} <= set(RunConfig.model_fields)
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    for section in ("output:", "task and data:", "training:", "evaluation:", "checkpoints:", "engine and target:",
+                    "run folder:"):
+        assert f"\n{section}\n" in text
+    flat = " ".join(text.split())
+    assert "torch extra" not in flat and "the export extra" in flat and "export" in extras

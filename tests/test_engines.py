@@ -200,7 +200,7 @@ def test_a_torch_run_resumes_to_the_uninterrupted_weights(tiny_model, tiny_data,
             "--lr", "1e-3", *extra]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert main(args + ["--out", str(whole), "--steps", "7"]) == 0
-    assert update in capsys.readouterr().out
+    assert update in capsys.readouterr().err
     assert main(args + ["--out", str(parts), "--steps", "6"]) == 0
     shutil.rmtree(parts / "checkpoints" / "step-0000006")
     assert main(["finetune", "--resume", "--out", str(parts), "--steps", "7"]) == 0

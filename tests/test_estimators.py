@@ -23,7 +23,7 @@ def test_an_fzoo_run_replays_from_its_log(tiny_model, tiny_data, tmp_path, capsy
     out = tmp_path / "run"
     assert main(["finetune", str(tiny_model), "--data", str(tiny_data), "--out", str(out), *RUN,
                  "--estimator", "fzoo", "--n-directions", "3", "--lr", "1e-5", "--weight-decay", "0.1"]) == 0
-    assert "fzoo with 3 x rademacher-counter directions" in capsys.readouterr().out
+    assert "fzoo with 3 x rademacher-counter directions" in capsys.readouterr().err
     log = steplog.read(out / "steps.jsonl", record_type("ort"))
     assert [r.estimator for r in log.records] == ["fzoo"] * 4
     assert all(len(r.loss_plus) == 3 and len(r.loss_minus) == 1 and r.norm > 0 for r in log.records)

@@ -147,7 +147,7 @@ def test_a_killed_export_resumes_to_the_same_folder(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(tensors.SafetensorsFiles, "read", lambda self, name: reads.append(name) or real(self, name))
     reads.clear()
     capsys.readouterr()
-    m = export_model(str(hf), out)
+    m = export_model(str(hf), out, say=print)
     said = capsys.readouterr().out
     assert "resuming" in said and "traced before is kept" in said
     assert len(reads) == len(fresh.parameters) - 9  # the nine written before are not read again

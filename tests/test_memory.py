@@ -237,15 +237,15 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     _expect_error(capsys, ["memory", str(tmp_path)], "unsupported model_type 'bert'")
     (tmp_path / "config.json").write_text("{not json")
     _expect_error(capsys, ["memory", str(tmp_path / "config.json")], "bad config file")
-    _expect_error(capsys, ["memory", "gpt2", "--base", "int4", "--method", "bp"], "--base is ort-mezo's")
-    _expect_error(capsys, ["memory", "gpt2", "--lora-rank", "8", "--method", "ort-mezo"],
+    _expect_error(capsys, ["memory", "gpt2", "--base", "int4", "--engine", "torch-bp"], "--base is ort-mezo's")
+    _expect_error(capsys, ["memory", "gpt2", "--lora-rank", "8", "--engine", "ort"],
                   "LoRA is estimated over a frozen base")
 
 
 def test_cli_prints_terms_and_the_budget(capsys, tmp_path):
     config, _ = _model("llama")
     (tmp_path / "hf_config.json").write_text(config.to_json_string())  # a trainable folder's
-    assert main(["memory", str(tmp_path), "--method", "bp", "--checkpoint-fraction", "0.5"]) == 0
+    assert main(["memory", str(tmp_path), "--engine", "torch-bp", "--checkpoint-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "activations kept" in out and "layer 0" in out and "(checkpointed: its input)" in out
     assert main(["memory", "gpt2-xl", "--budget", "10GiB"]) == 0

@@ -119,7 +119,7 @@ def test_required_operators_are_the_ort_graphs_own(ort_model, tmp_path):
 def test_export_format_ort_writes_both_graphs(tiny_hf, tiny_model, tmp_path, capfd):
     out = tmp_path / "tiny-ort"
     assert main(["export", str(tiny_hf), "--out", str(out), "--format", "ort"]) == 0
-    lines = capfd.readouterr().out.splitlines()
+    lines = capfd.readouterr().err.splitlines()
     assert [line[:5] for line in lines if line.startswith("[")][-2:] == ["[5/5]"] * 2
     m = Manifest.load(out)
     assert (m.graph, m.ort_graph) == ("model.onnx", "model.ort") and (out / OPERATORS).is_file()
@@ -168,7 +168,7 @@ def test_placement_follows_each_providers_rules_for_weights_as_inputs(tiny_model
     Gemm (transB = 1)."""
     from ortzo.model.placement import report
 
-    tables = report(tiny_model, ["xnnpack", "nnapi", "coreml-nn", "coreml-mlprogram"], 2, 8)
+    tables = report(tiny_model, ["xnnpack", "nnapi", "coreml-nn", "coreml"], 2, 8)
     params = {p.name for p in Manifest.load(tiny_model).parameters}
     matmuls = [n for n in onnx.load(tiny_model / "model.onnx").graph.node if n.op_type == "MatMul"]
     weight_b = sum(n.input[1] in params for n in matmuls)
@@ -180,9 +180,9 @@ def test_placement_follows_each_providers_rules_for_weights_as_inputs(tiny_model
     for p in ("xnnpack", "coreml-nn"):
         assert nodes(p, "MatMul", False) == len(matmuls), p
     assert (nodes("nnapi", "MatMul", False), nodes("nnapi", "MatMul", True)) == (weight_b, len(matmuls) - weight_b)
-    assert nodes("coreml-mlprogram", "MatMul", True) == len(matmuls)
+    assert nodes("coreml", "MatMul", True) == len(matmuls)
     assert nodes("nnapi", "Gemm", True) == 1
-    assert all(nodes(p, "Gemm", False) == 1 for p in ("xnnpack", "coreml-nn", "coreml-mlprogram"))
+    assert all(nodes(p, "Gemm", False) == 1 for p in ("xnnpack", "coreml-nn", "coreml"))
     assert all(r["source"].endswith("(06dd121)") for r in tables["xnnpack"] if r["op"] == "MatMul")
     assert len({sum(r["nodes"] for r in rows) for rows in tables.values()}) == 1  # every node, once each
 

@@ -1,5 +1,5 @@
 """The fixed per-tensor scale of the directions (optim/precondition.py) and the shared-channel
-diagnostic (docs/ablation/shared_directions.py): the factors against the test's own arithmetic,
+diagnostic (experiments/shared_directions.py): the factors against the test's own arithmetic,
 and each MeZO step against SPSA computed by hand on a quadratic whose gradient is known."""
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def test_a_scaled_step_is_spsa_along_the_scaled_direction_and_replays():
 
 
 def test_the_shared_channel_diagnostic_steps_along_one_z_for_every_tensor():
-    """docs/ablation/shared_directions.py, whose runs the ablation doc quotes: u_b = z for all b."""
+    """experiments/shared_directions.py, whose runs the ablation doc quotes: u_b = z for all b."""
     spec = importlib.util.spec_from_file_location(
-        "shared_directions", Path(__file__).resolve().parents[1] / "docs/ablation/shared_directions.py")
+        "shared_directions", Path(__file__).resolve().parents[1] / "experiments/shared_directions.py")
     shared = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shared)
     shapes = [(6,), (6,)]

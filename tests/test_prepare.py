@@ -244,7 +244,7 @@ def test_without_a_tokenizer_the_folder_is_valid_and_one_can_be_given(tiny_bert,
 def test_cli_errors_are_one_line_exit_2_and_touch_nothing(tiny_bert, tmp_path, capsys):
     out = tmp_path / "m"
     assert main(["prepare", str(tiny_bert), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    assert capsys.readouterr().err.startswith(f"wrote {out}: ")
     inputs, prepared = snapshot(tiny_bert.parent), snapshot(out)
     text = tmp_path / "notes.txt"
     text.write_text("not a model\n")

@@ -64,15 +64,17 @@ def test_custom_task_spec(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("text,error", [
-    ('template = "{x}"\nlabel_words = [" a"]', "two label_words"),
+    ('template = "{x}"\nlabel_words = [" a"]', "label_words: List should have at least 2 items"),
     ('label_words = [" a", " b"]', "missing key 'template'"),
     ('template = "{x}"\nlabel_words = [" a", " b"]\nlable_field = "y"',
      "unknown key 'lable_field' (valid keys: name, template, label_words, label_field, truncate_field, data, "
      "train_split, eval_split)"),
-    ('template = "{x}"\nlabel_words = " a"', "label_words must be a list of strings"),
-    ('template = "{x}"\nlabel_words = [" a", " b"]\neval_split = 3', "eval_split must be a string"),
-    ('template = "{x}"\nlabel_words = [" a", " b"]\ntruncate_field = "y"', "truncate_field"),
-    ('template = "{x"\nlabel_words = [" a", " b"]', "bad task spec"),
+    ('template = "{x}"\nlabel_words = " a"', "label_words: Input should be a valid list (got ' a')"),
+    ('template = "{x}"\nlabel_words = [" a", 3]', "label_words.1: Input should be a valid string (got 3)"),
+    ('template = "x"\nlabel_words = [" a", " b"]', "template: the template has no {field} placeholder"),
+    ('template = "{x}"\nlabel_words = [" a", " b"]\neval_split = 3', "eval_split: Input should be a valid string (got 3)"),
+    ('template = "{x}"\nlabel_words = [" a", " b"]\ntruncate_field = "y"', "truncate_field 'y' is not in the template"),
+    ('template = "{x"\nlabel_words = [" a", " b"]', "bad.toml: template: expected '}' before end of string"),
 ])
 def test_bad_task_spec(tmp_path, text, error):
     spec = tmp_path / "bad.toml"
@@ -279,7 +281,7 @@ def test_a_run_records_and_reuses_its_template(tiny_model, tiny_data, tmp_path, 
     assert main(["finetune", str(tiny_model), "--task", "sst2", "--template", "plain", "--data", str(tiny_data),
                  "--out", str(out), "--steps", "2", "--batch-size", "4", "--train-examples", "8",
                  "--eval-examples", "8"]) == 0
-    assert "recipe: prompt plain 'Review: {sentence}\\nSentiment:' -> ' bad' / ' good'" in capsys.readouterr().out
+    assert "recipe: prompt plain 'Review: {sentence}\\nSentiment:' -> ' bad' / ' good'" in capsys.readouterr().err
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["template"] == "plain" and recorded["recorded"]["task"]["label_words"] == [" bad", " good"]
     capsys.readouterr()

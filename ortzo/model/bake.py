@@ -1,12 +1,24 @@
-"""A trainable folder's weights as a standard ONNX model that plain onnxruntime and Optimum's
-`ORTModelForCausalLM.from_pretrained(out, use_cache=False)` load and generate with:
+"""A trainable folder's weights as a standard ONNX model that plain onnxruntime loads.
 
-    model.onnx              the full-logits graph (model.logits), every weight an initializer
-    model.onnx_data         the weights, in the graph's layout (Linear weights [in, out])
+A folder `ortzo export` made becomes what Optimum's `ORTModelForCausalLM.from_pretrained(out)`
+loads with its defaults and generates with, reusing its KV cache:
+
+    model.onnx              the causal LM with its KV cache (model/cached.py), every weight an initializer
+    model.onnx_data         the weights (Linear weights [in, out] where the graph reads them so)
     config.json             the model's Hugging Face config (without it Optimum re-exports)
     generation_config.json  its start, end and padding tokens
     tokenizer.json          the folder's tokenizer, adding the start token exactly when ortzo
     tokenizer_config.json   does; with the special tokens AutoTokenizer needs
+
+The KV-cache graph is traced again with Optimum, so it needs the export extra; without it, and
+for a frozen base (its matrices quantized constants of the folder's own graph), model.onnx is
+the folder's full-logits graph (model.logits) without a cache, which Optimum loads with
+`use_cache=False`, and a note says so.
+
+A folder `ortzo prepare` made (someone else's ONNX model) becomes that model again: its own
+graph with the folder's weights as initializers (model.onnx, model.onnx_data) and its
+tokenizer.json if it has one; a frozen base stays as the folder holds it (quantized, with
+its LoRA branches).
 
 The weights always go to the external data file (model/external.py), whatever the model's
 size: one code path for every model (a size threshold would leave that path untested by small
@@ -23,10 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OrtzoError
+from ..extras import MissingExtra, require
 from ..files import TMP_SUFFIX, atomic_open, fsync_dir, write_json
-from .logits import logits_graph
+from .cached import cached_graph
 from .external import DataFile
-from .manifest import hf_config
+from .logits import logits_graph
+from .manifest import Manifest, hf_config
 from .weights import WeightStore
 
 if TYPE_CHECKING:
@@ -34,6 +48,8 @@ if TYPE_CHECKING:
 
 MODEL = "model.onnx"
 DATA = "model.onnx_data"
+TOKENIZER = "tokenizer.json"
+PREPARED = "onnx"  # the source kind of a folder `ortzo prepare` made (model/prepare.py)
 
 
 def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False,
@@ -47,17 +63,24 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
     for read in {folder, *reads}:
         if out.resolve() == read.resolve() or out.resolve() in read.resolve().parents:
             raise OrtzoError(f"--out {out} would replace {read}, which bake reads; choose another --out")
-    manifest, config = store.manifest, hf_config(folder)
-    graph = logits_graph(folder)
+    manifest = store.manifest
+    config = None if manifest.source.get("kind") == PREPARED else hf_config(folder)
+    if config is None:  # someone else's model: its own graph
+        graph, reads_transposed = _load_graph(folder / manifest.graph), None
+    else:
+        graph, reads_transposed = _causal_lm(folder, manifest, config, say)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=TMP_SUFFIX) as tmp:
         build = Path(tmp) / "baked"
         build.mkdir()
-        _write_model(graph, store, folder, build)
-        write_json(build / "config.json", config)
-        write_json(build / "generation_config.json", _generation(config, manifest.tokenizer))
-        if manifest.tokenizer:
+        _write_model(graph, store, folder, build, reads_transposed)
+        if config is not None:
+            write_json(build / "config.json", config)
+            write_json(build / "generation_config.json", _generation(config, manifest.tokenizer))
+        if manifest.tokenizer and config is not None:
             _write_tokenizer(folder, manifest.tokenizer, config, build)
+        elif manifest.tokenizer:
+            shutil.copyfile(folder / manifest.tokenizer.get("file", TOKENIZER), build / TOKENIZER)
         else:
             say(f"note: {folder} has no tokenizer; the baked model has none either")
         if out.exists():
@@ -66,12 +89,38 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
     fsync_dir(out.parent)
 
 
+def _load_graph(path: Path) -> onnx.ModelProto:
+    """A folder's graph, its frozen base's data left where it is (read one tensor at a time)."""
+    import onnx
 
-def _write_model(graph: onnx.ModelProto, store: WeightStore, folder: Path, out: Path) -> None:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _causal_lm(folder: Path, manifest: Manifest, config: dict[str, Any],
+               say: Callable[[str], None]) -> tuple[onnx.ModelProto, set[str] | None]:
+    """The exported folder's causal LM with its KV cache and the weights it reads [in, out]
+    (model/cached.py), or, where that cannot be had, its full-logits graph (None: it reads
+    the folder's layout) and a note saying why."""
+    if manifest.base:
+        say(f"note: {folder} has a frozen base; the baked model keeps it, without a KV cache: "
+            "load it with ORTModelForCausalLM.from_pretrained(out, use_cache=False)")
+        return logits_graph(folder), None
+    try:
+        require("export", "a KV cache")
+    except MissingExtra as e:
+        say(f"note: no KV cache without the export extra ({e.module} is missing): load the baked model with "
+            "ORTModelForCausalLM.from_pretrained(out, use_cache=False), or pip install 'ortzo[export]' and bake again")
+        return logits_graph(folder), None
+    return cached_graph(folder, manifest, config)
+
+
+def _write_model(graph: onnx.ModelProto, store: WeightStore, folder: Path, out: Path,
+                 reads_transposed: set[str] | None = None) -> None:
     """The graph with each weight input made an initializer whose data lies in DATA, in the
-    graph's layout (a PyTorch engine's store is flipped back on the way out). A frozen base's
-    constants are copied into DATA one at a time; its trainable tensors' starting values give
-    way to the store's."""
+    layout the graph reads (the folder's, or [in, out] exactly for `reads_transposed`; a
+    PyTorch engine's store is flipped back on the way out). A frozen base's constants are
+    copied into DATA one at a time; its trainable tensors' starting values give way to the
+    store's."""
     from onnx import TensorProto, numpy_helper
 
     g = graph.graph
@@ -87,7 +136,10 @@ def _write_model(graph: onnx.ModelProto, store: WeightStore, folder: Path, out: 
             g.initializer.append(data.add(t.name, numpy_helper.to_array(t, str(folder))) if external else t)
         for p in store.manifest.parameters:
             a = store.arrays[p.name]
-            g.initializer.append(data.add(p.name, a.T if p.name in store.flipped else a))
+            a = a.T if p.name in store.flipped else a  # the folder's layout
+            if reads_transposed is not None and (p.name in reads_transposed) != p.transposed:
+                a = a.T
+            g.initializer.append(data.add(p.name, a))
     with atomic_open(out / MODEL, "wb") as f:
         f.write(graph.SerializeToString())
 
@@ -104,7 +156,8 @@ def _generation(config: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, 
 def _write_tokenizer(folder: Path, info: dict[str, Any], config: dict[str, Any], out: Path) -> None:
     """tokenizer.json, encoding as ortzo's tokenizer does (the start token iff the manifest
     says so: a tokenizer read from GGUF may add one the model never saw), and the
-    tokenizer_config.json that makes AutoTokenizer load it as a plain fast tokenizer."""
+    tokenizer_config.json that makes AutoTokenizer load it as a plain fast tokenizer, padding
+    a batch on the left for generate()."""
     from tokenizers import Tokenizer, processors
 
     tok = Tokenizer.from_file(str(folder / info.get("file", "tokenizer.json")))
@@ -123,4 +176,5 @@ def _write_tokenizer(folder: Path, info: dict[str, Any], config: dict[str, Any],
     write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                                "model_input_names": ["input_ids", "attention_mask"],
                                                "clean_up_tokenization_spaces": False,
+                                               "padding_side": info.get("padding_side", "left"),  # as ortzo pads
                                                **{k: v for k, v in names.items() if v is not None}})

@@ -12,7 +12,7 @@ tokenizer. `prepare_genai` turns it into a folder that is both at once:
 
 The quantized matrices are copied as they are, one tensor at a time: nothing is re-quantized.
 GroupQueryAttention reads each row's length from the attention mask and takes the padding on
-the right, so the folder's tokenizer record says so. Needs onnx (the export extra).
+the right, so the folder's tokenizer record says so. Needs onnx (the `onnx` extra).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ standard `logits` output [batch, seq, vocab], for text generation.
 
 Its weight inputs are the trainable graph's own (names, shapes, dtypes, an fp16 folder's casts),
 so a second session binds the same weight arrays zero-copy and generates with the weights
-being fine-tuned; `ortzo bake` makes a standalone model of it. Needs onnx (the export extra).
+being fine-tuned; `ortzo bake` makes a standalone model of it. Needs onnx (the `onnx` extra).
 """
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import logging
 import tempfile
 from pathlib import Path
 
 from ..errors import OrtzoError
 from ..files import atomic_open
+from ..output import silenced
 from .manifest import Manifest
 
 OPERATORS = "required_operators.config"
@@ -36,24 +36,22 @@ def add_ort_graph(folder: str | Path, manifest: Manifest | None = None) -> Manif
     `ort_graph`. The converter writes into a temporary folder; each file is then written
     atomically into `folder`, the manifest last, so an interrupted conversion never leaves a
     manifest that names a missing or half-written graph."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    with silenced():  # its import configures the root logger (logging.basicConfig): undone
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     folder = Path(folder)
     manifest = manifest or Manifest.load(folder)
     graph = folder / manifest.graph
     ort_graph = Path(manifest.graph).with_suffix(".ort").name
     with tempfile.TemporaryDirectory() as tmp:
-        said, logged = io.StringIO(), logging.root.manager.disable
-        logging.disable(logging.INFO)  # the converter prints and logs its progress: keep only warnings
-        try:
-            with contextlib.redirect_stdout(said):
+        said = io.StringIO()
+        try:  # the converter prints and logs its progress: keep only warnings
+            with contextlib.redirect_stdout(said), silenced("ort_format_model"):
                 convert_onnx_models_to_ort(graph, output_dir=Path(tmp), optimization_styles=[OptimizationStyle.Fixed],
                                            target_platform="arm")
         except Exception as e:  # the converter raises whatever ORT or its flatbuffer code raised
             raise OrtzoError(f"onnxruntime's ORT-format converter failed on {graph}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else said.getvalue()[-200:]}") from None
-        finally:
-            logging.disable(logged)
         # one of each; their names carry the optimization level when the converter's environment
         # variable sets one (ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL)
         (made,), (config,) = Path(tmp).resolve().glob("*.ort"), Path(tmp).resolve().glob("*.config")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROVIDERS = ("xnnpack", "nnapi", "coreml-nn", "coreml-mlprogram", "qnn")
+PROVIDERS = ("xnnpack", "nnapi", "coreml-nn", "coreml", "qnn")
 HEAVY = ("MatMul", "Gemm")
 FLOAT, INT32, BOOL, FLOAT16 = 1, 6, 9, 10
 # inputs a support list's note may require to be constant initializers
@@ -45,11 +45,11 @@ XNNPACK_OPS = ("Conv", "ConvTranspose", "QLinearConv", "MaxPool", "AveragePool",
 COREML_GEMM_SRC = ORT_SRC + "coreml/builders/impl/gemm_op_builder.cc (02d9b9e)"
 NNAPI_GEMM_SRC = ORT_SRC + "nnapi/nnapi_builtin/builders/impl/gemm_op_builder.cc (3873a55), op_builder_helpers.cc"
 LISTS = {"nnapi": "nnapi_supported_ops.md", "coreml-nn": "coreml_supported_neuralnetwork_ops.md",
-         "coreml-mlprogram": "coreml_supported_mlprogram_ops.md"}
+         "coreml": "coreml_supported_mlprogram_ops.md"}
 EP_NAMES = {"xnnpack": "XnnpackExecutionProvider", "nnapi": "NnapiExecutionProvider",
-            "coreml-nn": "CoreMLExecutionProvider", "coreml-mlprogram": "CoreMLExecutionProvider",
+            "coreml-nn": "CoreMLExecutionProvider", "coreml": "CoreMLExecutionProvider",
             "qnn": "QNNExecutionProvider"}
-EP_OPTIONS = {"coreml-nn": {"ModelFormat": "NeuralNetwork"}, "coreml-mlprogram": {"ModelFormat": "MLProgram"}}
+EP_OPTIONS = {"coreml-nn": {"ModelFormat": "NeuralNetwork"}, "coreml": {"ModelFormat": "MLProgram"}}
 # Plugin packages that bring a provider to this onnxruntime: module, options for it. QNN's HTP
 # backend computes fp32 graphs in fp16 (which needs a SoC: SM8650, Snapdragon 8 Gen 3, HTP v75).
 PLUGINS: dict[str, tuple[str, Callable[[Any], dict[str, str]]]] = {
@@ -261,7 +261,7 @@ def _listed(provider: str, n: Node) -> Verdict:
         return Verdict(False, "not in the provider's support list", src)
     note = notes[key]
     if n.op in HEAVY:
-        return _nnapi_gemm(n) if provider == "nnapi" else _coreml_gemm(n, provider == "coreml-mlprogram")
+        return _nnapi_gemm(n) if provider == "nnapi" else _coreml_gemm(n, provider == "coreml")
     constant = CONSTANT_INPUTS.get(n.op)
     int32_indices = n.op == "Gather" and n.dtypes[1] == INT32  # NNAPI: then they may be a tensor
     if constant and "constant" in note and not int32_indices and not all(n.constant[constant]):

@@ -14,7 +14,7 @@ transposed or cast, and an initializer shared by several nodes stays one paramet
 them train is the caller's choice (include/exclude patterns).
 
 The input model is only read; the folder is built beside `out` and renamed into place.
-Needs `onnx` (the export extra's); the runtime never imports this module's dependencies.
+Needs `onnx` (the `onnx` extra); the runtime never imports this module's dependencies.
 """
 from __future__ import annotations
 

@@ -90,16 +90,19 @@ class WeightStore:
     @classmethod
     def load(cls, folder: str | Path, manifest: Manifest, weights: str | Path | None = None,
              sha256: str | None = None) -> WeightStore:
-        """Read the folder's weight file (or `weights`, e.g. a checkpoint's) and check its sha256."""
+        """Read the folder's weight file, checked against the manifest's sha256, or `weights` (a
+        checkpoint's, a saved one), checked against `sha256` when given: a file this model saved
+        after fine-tuning has its own hash, not the export's."""
         path = Path(weights) if weights is not None else Path(folder) / manifest.weights
-        expected = sha256 or manifest.weights_sha256
+        expected = manifest.weights_sha256 if weights is None else sha256
         if not path.is_file():
             raise OrtzoError(f"weight file not found: {path}")
         size = path.stat().st_size
         if size != manifest.weights_bytes:
             raise OrtzoError(f"weight file {path} has {size} bytes, manifest says {manifest.weights_bytes}")
         buffer = _aligned_empty(size)
-        if _read_into(path, buffer) != expected:
+        digest = _read_into(path, buffer)
+        if expected is not None and digest != expected:
             raise OrtzoError(f"checksum mismatch for {path}: the weight file is corrupt or not this model's")
         return cls(manifest, buffer)
 

@@ -160,6 +160,7 @@ def decay_mask(buffers: Sequence[np.ndarray]) -> list[bool]:
 
 
 WSD_DECAY = 1 / 3  # the share of a "wsd" schedule that decays
+SCHEDULES = ("constant", "linear", "wsd")
 
 
 def lr_at(done: float, total: float, lr: float, schedule: str) -> float:
@@ -179,6 +180,15 @@ def lr_at(done: float, total: float, lr: float, schedule: str) -> float:
     if schedule == "wsd":
         return lr * min(1.0, max(0.0, (total - done) / (WSD_DECAY * total)))
     raise ValueError(f"unknown lr schedule {schedule!r}; choose constant, linear or wsd")
+
+
+def scheduled_lr(lr: float, schedule: str, steps_done: int, steps_total: int | None,
+                 seconds_done: float = 0.0, seconds_total: float | None = None) -> float:
+    """The lr of the next step: the lower of the schedule over its steps and over its seconds
+    of steps (whichever span is nearer its end), so the lr reaches 0 when a run ends, by steps
+    or by time. A span that is None does not bound it."""
+    spans = [(steps_done, steps_total), (seconds_done, seconds_total)]
+    return min([lr] + [lr_at(done, total, lr, schedule) for done, total in spans if total is not None])
 
 
 def step_seed(run_seed: int, step: int) -> int:

@@ -1,5 +1,6 @@
-"""`ortzo bake`: a trainable folder's weights, or a fine-tuning run's after some step, baked
-into a standard ONNX model (model/bake.py).
+"""`ortzo bake`: a trainable folder's weights (its own, or a file `Model.save` wrote), or a
+fine-tuning run's after some step, baked into a standard ONNX model (model/bake.py): an
+exported causal LM with its KV cache, a prepared model as the ONNX model it came from.
 
 A run's weights come from its newest checkpoint at or before the step and its step log's
 replay, as `ortzo eval` restores them; MeZO replays from the log alone, so no task data is read.
@@ -28,23 +29,33 @@ from .setup import Setup, prepare, recorded_scales, version_notes
 
 
 def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool = False,
-         say: Callable[[str], None] = print, adapter: str | Path | None = None) -> Manifest:
+         say: Callable[[str], None] = print, adapter: str | Path | None = None,
+         weights: str | Path | None = None, sha256: str | None = None) -> Manifest:
     """Bake the weights of `path` (a trainable folder, or a finetune run folder: its weights
     after `step` steps, by default all logged) into the model folder `out`; `adapter`: an
-    .onnx_adapter applied over a model folder's frozen base first. Returns the trainable
-    folder's manifest."""
+    .onnx_adapter applied over a model folder's frozen base first; `weights`: a weight file
+    saved over a model folder (`Model.save`), checked against `sha256` if given. Returns the
+    trainable folder's manifest."""
     path, out = Path(path), Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:  # before a long replay
         raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
-    if adapter is not None and not (path / MANIFEST).is_file():
+    model_folder = (path / MANIFEST).is_file()
+    if adapter is not None and not model_folder:
         raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")
-    folder, store, _ = weights_at(path, step, say)
+    if weights is not None and not model_folder:
+        raise OrtzoError("--weights applies to a model folder (a run's own checkpoints are its weights)")
+    if weights is not None:
+        if step is not None:
+            raise OrtzoError("--step needs a run folder")
+        folder, store = path, WeightStore.load(path, Manifest.load(path), weights, sha256)
+    else:
+        folder, store, _ = weights_at(path, step, say)
     if builder := store.manifest.base.get("builder"):
         raise OrtzoError(f"{folder} is {builder}'s folder: it ships as it is, with `ortzo adapter`'s file loaded "
-                         "over it; bake takes folders ortzo exported")
+                         "over it; bake takes folders ortzo exported or prepared from an ONNX model")
     if adapter is not None:
         apply_adapter(adapter, store, folder)
-    write_baked(folder, store, out, force, reads=(path,), say=say)
+    write_baked(folder, store, out, force, reads=(path, *([Path(weights)] if weights is not None else [])), say=say)
     return store.manifest
 
 

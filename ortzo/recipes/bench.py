@@ -7,6 +7,7 @@ compares the two under the same conditions."""
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from ..optim.mezo import mezo_step
 from ..tasks.objective import loss
 from .measure import in_child, peak_rss_mib, random_batch, vocab_size
 
+logger = logging.getLogger(__name__)
+
 
 def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target: str, kinds: list[str]) -> None:
     args = ["step", str(model), str(batch_size), str(seq_len), str(repeats), target]
@@ -32,7 +35,7 @@ def bench_step(model: Path, batch_size: int, seq_len: int, repeats: int, target:
         from ..optim.cuda import KIND
 
         if [k for k in kinds if k != KIND]:
-            print(f"on a device only {KIND} has a kernel: timing it alone")
+            logger.warning(f"on a device only {KIND} has a kernel: timing it alone")
         kinds = [KIND]
     infer = _child(args + ["inference"])
     gpu = "device_mib" in infer  # a device target: its memory is the GPU's

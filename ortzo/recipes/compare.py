@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -28,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
 from .. import jsonl
 from ..config import CompareSpec, EvalOptions, RunConfig
@@ -38,10 +38,13 @@ from ..files import atomic_open, write_json
 from ..memory import estimate, parse_size
 from ..model.manifest import HF_CONFIG, MANIFEST, Manifest, hf_config
 from ..optim import steplog
+from ..output import progress
 from ..run.folder import RunFolder
 from ..run.plots import plot_compare
 from .evaluate import evaluate_path
 from .validate import frozen_base
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ("arm", "seed", "model", "engine", "step", "train_seconds", "wall_seconds", "eval_accuracy", "eval_loss",
            "peak_rss_mib", "over_budget")
@@ -53,7 +56,7 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", {"spec": spec.model_dump(), "arms": plan})
     runs = [(arm, seed) for arm in plan for seed in spec.seeds]
-    for arm, seed in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True):
+    for arm, seed in progress(runs, desc="compare", unit="run", dynamic_ncols=True):
         _run(out / arm / f"seed-{seed}", plan[arm]["settings"] | {"seed": seed})
     rows = _curves(out, plan, spec)
     with atomic_open(out / "curves.csv", "w") as f:
@@ -62,11 +65,11 @@ def compare(spec: CompareSpec, out: Path) -> list[dict[str, Any]]:
     summary = _summary(rows, plan, spec, marks)
     with atomic_open(out / "summary.csv", "w") as f:
         f.write(_csv(summary, tuple(summary[0])))
-    plot_compare(rows, out / "curves.png", title=f"{spec.title}: memory budget {spec.memory_budget}, "
+    drawn = plot_compare(rows, out / "curves.png", title=f"{spec.title}: memory budget {spec.memory_budget}, "
                  f"{round(spec.time_budget / 60, 1):g} min of steps per run")
     for s in summary:
         print(" ".join(f"{k}={v}" for k, v in s.items()))
-    print(f"wrote {out / 'curves.csv'}, {out / 'summary.csv'}, {out / 'curves.png'}")
+    logger.info(f"wrote {out / 'curves.csv'}, {out / 'summary.csv'}" + f", {out / 'curves.png'}" * drawn)
     return summary
 
 

@@ -19,7 +19,7 @@ from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..tasks.objective import calibration, evaluate
 from ..tasks.task import Task, load_task
-from .setup import Setup, prepare, stderr
+from .setup import Setup, prepare
 
 
 def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
@@ -33,7 +33,7 @@ def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
         if opts.step is not None:
             raise OrtzoError("--step needs a run folder")
         cfg = RunConfig.build({"model": str(path)} | chosen)
-        setup = prepare(cfg, load_task(cfg.task, cfg.template), say=stderr)
+        setup = prepare(cfg, load_task(cfg.task, cfg.template))
         store = setup.load_store()
         if opts.adapter is not None:
             apply_adapter(opts.adapter, store, path)
@@ -47,7 +47,7 @@ def open_weights(opts: EvalOptions) -> tuple[Setup, Engine, int]:
         task = Task.from_json(recorded["task"])
         if opts.task or opts.template:
             task = load_task(opts.task or task.name, opts.template)
-        setup = prepare(cfg, task, say=stderr, recorded=recorded)
+        setup = prepare(cfg, task, recorded=recorded)
         setup.check_model(recorded, run.path)
         log = steplog.read(run.steps, record_type(cfg.engine))  # a torn tail (a live run mid-write) is left alone
         steps = len(log) if opts.step is None else opts.step

@@ -15,19 +15,20 @@ step log, each evaluation's in its metrics row, so `train_seconds` (steps only) 
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import jsonl
 from ..config import RECORDED, RunConfig, flag
 from ..engines.base import Adapt, Engine, record_type
 from ..errors import OrtzoError
 from ..optim import meazo, steplog
-from ..optim.mezo import lr_at
+from ..output import progress
+from ..optim.mezo import scheduled_lr
 from ..run import checkpoint
 from ..run.folder import RunFolder
 from ..run.plots import plot_curves
@@ -36,6 +37,8 @@ from ..tasks.objective import evaluate
 from ..tasks.task import Task, load_task
 from .measure import peak_rss_mib
 from .setup import Setup, prepare, version_notes
+
+logger = logging.getLogger(__name__)
 
 
 def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
@@ -47,6 +50,7 @@ def start(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     setup = setup.with_scales(store)  # from the weights the run starts from, recorded with it
     engine = setup.engine(store)  # checksum, patterns, the engine's own needs: before any write
     run = RunFolder(out)
+    _warn_schedule(cfg)
     with run.locked(create=True):
         run.check_new()
         run.clean_stale()
@@ -71,7 +75,7 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
         setup = prepare(cfg, Task.from_json(recorded["task"]), recorded=recorded)
         setup.check_model(recorded, run.path)
         for note in version_notes(recorded):
-            print(note)
+            logger.warning(note)
         log = steplog.read(run.steps, record_type(cfg.engine))
         history, torn = jsonl.read(run.metrics)
         if cfg.steps < len(log):
@@ -81,12 +85,13 @@ def resume(out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
                              f"but {run.steps} ends at step {len(log)}")
         for path, tail in ((run.steps, log.torn), (run.metrics, torn)):
             if tail:
-                print(f"note: {jsonl.torn_note(path, tail)}")
+                logger.warning(f"note: {jsonl.torn_note(path, tail)}")
         run.clean_stale()  # the writers cut the torn tails when they open
         checkpoint.prune(run.path, cfg.keep_checkpoints)
         if changed:
             resumes = recorded.get("resumes", []) + [{"at_step": len(log), "changed": changed}]
             run.write_config(cfg.model_dump() | {RECORDED: recorded | {"resumes": resumes}})
+        _warn_schedule(cfg)
         at = min(_due(cfg, history, len(log)), default=len(log))
         engine = checkpoint.restore(run.path, log.records, at, setup.load_store, setup.engine)
         return train(run, setup, engine, log, history, at)
@@ -97,20 +102,20 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
     """Run the steps after those in `log`, from weights that are at step `at` of it."""
     cfg, splits, store = setup.cfg, setup.splits, engine.store
     trained = setup.trained(store)
-    print(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(store.arrays[n].size for n in trained):,} "
-          f"of {sum(p.size for p in setup.manifest.parameters):,} parameters ({cfg.params}) trained by {cfg.engine}; "
-          f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
+    logger.info(f"{setup.manifest.source.get('model', setup.model_dir)}: {sum(store.arrays[n].size for n in trained):,} "
+                f"of {sum(p.size for p in setup.manifest.parameters):,} parameters ({cfg.params}) trained by {cfg.engine}; "
+                f"{len(splits.train)} train / {len(splits.eval)} eval examples of {setup.task.name}")
     t = setup.task
-    print(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
-          f"lr {cfg.lr:g} ({_schedule(cfg)}), batch {cfg.batch_size} "
-          f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
-          f"{_update(cfg)}, weight decay {cfg.weight_decay:g}" + _scales(setup))
+    logger.info(f"recipe: prompt {t.template_name} {t.template!r} -> {' / '.join(map(repr, t.label_words))}; "
+                f"lr {cfg.lr:g} ({_schedule(cfg)}), batch {cfg.batch_size} "
+                f"({f'grouped by length in runs of {cfg.group_by_length}' if cfg.group_by_length > 1 else 'random'}), "
+                f"{_update(cfg)}, weight decay {cfg.weight_decay:g}" + _scales(setup))
 
     def save(step: int) -> None:
         checkpoint.save(run.path, store, step, cfg.keep_checkpoints, extra=engine.save_state)
 
     with steplog.StepLog(run.steps) as steps_out, jsonl.Writer(run.metrics) as metrics_out, \
-            tqdm(total=cfg.steps if cfg.time_budget is None else None,  # a budget: no step-count ETA
+            progress(total=cfg.steps if cfg.time_budget is None else None,  # a budget: no step-count ETA
                  initial=len(log), desc=cfg.engine, unit="step", dynamic_ncols=True) as bar:
         def measure(step: int) -> None:
             t = time.perf_counter()
@@ -152,12 +157,12 @@ def train(run: RunFolder, setup: Setup, engine: Engine, log: steplog.Log, histor
             bar.set_postfix(loss=f"{record.loss:.4f}", acc=f"{history[-1]['eval_accuracy']:.3f}",
                             s_per_step=f"{sum(log.seconds) / done:.2f}", refresh=False)
 
-    plot_curves(history, run.curve, title=f"{cfg.engine} on {setup.task.name}: {setup.model_dir.name}")
+    drawn = plot_curves(history, run.curve, title=f"{cfg.engine} on {setup.task.name}: {setup.model_dir.name}")
     _print_table(history)
     first, last = history[0], history[-1]
-    print(f"{setup.task.name}: zero-shot accuracy {first['eval_accuracy']:.4f} -> {last['eval_accuracy']:.4f} "
-          f"after {last['step']} {cfg.engine} steps ({last['train_seconds'] / 60:.1f} min of steps, "
-          f"{last['wall_seconds'] / 60:.1f} min with evaluations); metrics {run.metrics}, plot {run.curve}")
+    logger.info(f"{setup.task.name}: zero-shot accuracy {first['eval_accuracy']:.4f} -> {last['eval_accuracy']:.4f} "
+                f"after {last['step']} {cfg.engine} steps ({last['train_seconds'] / 60:.1f} min of steps, "
+                f"{last['wall_seconds'] / 60:.1f} min with evaluations); metrics {run.metrics}" + f", plot {run.curve}" * drawn)
     return {"zero_shot_accuracy": first["eval_accuracy"], "final_accuracy": last["eval_accuracy"],
             "steps": last["step"], "train_seconds": last["train_seconds"], "wall_seconds": last["wall_seconds"]}
 
@@ -201,10 +206,8 @@ def _lr(cfg: RunConfig, log: steplog.Log) -> float:
     """The lr of the step after those in `log`: the lower of the schedule over its steps and
     over its seconds of steps (whichever span is nearer its end), so the lr reaches 0 when the
     run ends, by --steps or by --time-budget. Only the log decides it, so a resume agrees."""
-    lr = lr_at(len(log), cfg.schedule_steps or cfg.steps, cfg.lr, cfg.schedule)
-    if cfg.schedule_seconds is not None:
-        lr = min(lr, lr_at(sum(log.seconds), cfg.schedule_seconds, cfg.lr, cfg.schedule))
-    return lr
+    return scheduled_lr(cfg.lr, cfg.schedule, len(log), cfg.schedule_steps or cfg.steps, sum(log.seconds),
+                        cfg.schedule_seconds)
 
 
 def _adapt(cfg: RunConfig, log: steplog.Log) -> Adapt | None:
@@ -229,6 +232,15 @@ def _update(cfg: RunConfig) -> str:
         return f"eps {cfg.eps:g}, mezo in PyTorch with 1 x gaussian direction"
     return (f"eps {cfg.eps:g}, clip {cfg.clip}, {cfg.estimator} with {cfg.n_directions} x {cfg.directions} "
             "directions" + ", MEAZO's adaptive step" * (cfg.adaptive == "meazo"))
+
+
+def _warn_schedule(cfg: RunConfig) -> None:
+    """A decaying schedule shorter than the run leaves its last steps at lr 0: say so (a resume
+    that raises --steps keeps the schedule it started with unless told otherwise)."""
+    if cfg.schedule != "constant" and cfg.schedule_steps is not None and cfg.steps > cfg.schedule_steps:
+        logger.warning(f"the {cfg.schedule} schedule ends at step {cfg.schedule_steps}: steps "
+                       f"{cfg.schedule_steps + 1}-{cfg.steps} run at lr 0 (pass --schedule-steps {cfg.steps} "
+                       "to stretch it)")
 
 
 def _schedule(cfg: RunConfig) -> str:
@@ -265,10 +277,10 @@ def _due(cfg: RunConfig, history: list[dict], logged: int) -> list[int]:
 
 def _print_table(history: list[dict]) -> None:
     dev = "dev_accuracy" in history[0]
-    print(f"{'step':>7} {'train s':>9} {'wall s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9} {'rows':>5}"
-          + (f" {'dev acc':>8}" if dev else ""))
+    logger.info(f"{'step':>7} {'train s':>9} {'wall s':>9} {'train loss':>10} {'eval acc':>9} {'eval loss':>9} "
+                f"{'rows':>5}" + (f" {'dev acc':>8}" if dev else ""))
     for h in history:
         tl = "-" if h["train_loss"] is None else f"{h['train_loss']:.4f}"
-        print(f"{h['step']:>7} {h['train_seconds']:>9.1f} {h['wall_seconds']:>9.1f} {tl:>10} "
-              f"{h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f} {h.get('eval_examples', ''):>5}"
-              + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))
+        logger.info(f"{h['step']:>7} {h['train_seconds']:>9.1f} {h['wall_seconds']:>9.1f} {tl:>10} "
+                    f"{h['eval_accuracy']:>9.4f} {h['eval_loss']:>9.4f} {h.get('eval_examples', ''):>5}"
+                    + (f" {h['dev_accuracy']:>8.4f}" if dev else ""))

@@ -14,6 +14,7 @@ from ..memory import (METHODS, PAPER, SIZES, Arch, Estimate, alias_config, alias
 from ..model.manifest import HF_CONFIG
 
 OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD", "momentum": "SGD with momentum"}
+METHOD = {"ort": "ort-mezo", "torch-mezo": "torch-mezo", "torch-bp": "bp"}  # an engine's name in the memory model
 
 
 def run(o: MemoryOptions) -> None:
@@ -64,7 +65,7 @@ def size(n: float) -> str:
 
 def show_estimates(name: str, arch: Arch, o: MemoryOptions) -> None:
     """One column per method, one row per term; then bp's activations by kind and by layer."""
-    methods = [o.method] if o.method else [m for m in METHODS if not (m == "ort-mezo" and o.dtype == "bfloat16")]
+    methods = [METHOD[o.engine]] if o.engine else [m for m in METHODS if not (m == "ort-mezo" and o.dtype == "bfloat16")]
     fraction = o.checkpoint_fraction or 0.0
     if o.base != "none" and "ort-mezo" not in methods:
         raise OrtzoError("--base is ort-mezo's: a frozen base is what ortzo's engine trains over")
@@ -111,7 +112,7 @@ def show_budget(o: MemoryOptions) -> None:
     MeZO, and the ratio of their parameters; then the paper's setting."""
     budget = parse_size(o.budget)
     fraction = 1.0 if o.checkpoint_fraction is None else o.checkpoint_fraction
-    mezo = o.method if o.method in ("ort-mezo", "torch-mezo") else "ort-mezo"
+    mezo = "torch-mezo" if o.engine == "torch-mezo" else "ort-mezo"
     common = {"dtype": o.dtype, "padded": not o.unpadded}
     base = o.base if o.base != "none" else "int4"
     columns = {"bp": {"method": "bp", "optimizer": o.optimizer},

@@ -3,6 +3,7 @@ written: the model folder, the target, the examples, the encoder, the directions
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import sys
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from ..config import RunConfig
 from ..engines import open_engine
 from ..engines.base import Engine, Saved
 from ..errors import OrtzoError
+from ..extras import missing
 from ..files import sha256_file
 from ..model.manifest import Manifest
 from ..model.targets import Target, load_target
@@ -25,6 +27,8 @@ from ..optim.precondition import Scale, weight_rms_scales
 from ..tasks.batches import Batch, Encoder
 from ..tasks.data import Splits, batch_indices, make_splits
 from ..tasks.task import Task
+
+logger = logging.getLogger(__name__)
 
 SCALES_KEY = "direction_scales"  # in a run's recorded section: parameter name -> its directions' scale
 VERSIONED = ("ortzo", "numpy", "onnxruntime", "tokenizers")
@@ -62,8 +66,9 @@ class Setup:
             return open_engine(self.cfg, self.model_dir, store, self.trained(store), self.target, self.train_batch,
                                saved, self.scales)
         except ModuleNotFoundError as e:
-            raise OrtzoError(f"--engine {self.cfg.engine} needs PyTorch and transformers: "
-                             f"pip install 'ortzo[export]' ({e})") from None
+            if (extra := missing(e)) is None:
+                raise
+            raise extra.of(f"--engine {self.cfg.engine}") from None
 
     @cached_property
     def train_ids(self) -> list[list[int]]:
@@ -110,7 +115,7 @@ class Setup:
                                  "was it re-exported? the run needs its original model folder")
 
 
-def prepare(cfg: RunConfig, task: Task, say=print, recorded: dict[str, Any] | None = None) -> Setup:
+def prepare(cfg: RunConfig, task: Task, say=None, recorded: dict[str, Any] | None = None) -> Setup:
     """Check every input of `cfg` (reading the model's manifest, target, task data, tokenizer);
     for a run already started, its `recorded` section gives the direction scales."""
     model_dir = Path(cfg.model)
@@ -126,7 +131,7 @@ def prepare(cfg: RunConfig, task: Task, say=print, recorded: dict[str, Any] | No
                          train_examples=cfg.train_examples, k_shot=cfg.k_shot, eval_examples=cfg.eval_examples,
                          dev_examples=cfg.dev_examples, seed=cfg.seed)
     if splits.note:
-        say(f"note: {splits.note}")
+        (say or logger.warning)(f"note: {splits.note}")
     encoder = Encoder(task, Tokenizer(model_dir, manifest.tokenizer), cfg.max_length)
     return Setup(cfg, task, manifest, target, splits, encoder, recorded_scales(cfg, recorded))
 
@@ -163,7 +168,3 @@ def version_notes(recorded: dict[str, Any]) -> list[str]:
     return [f"note: the run started with {k} {then[k]}, this is {k} {now[k]}; its replay is exact only if the "
             "direction generator and kernels are unchanged" for k in then if k in now and k != "python"
             and then[k] != now[k]]
-
-
-def stderr(line: str) -> None:
-    print(line, file=sys.stderr)

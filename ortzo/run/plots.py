@@ -1,20 +1,23 @@
 """Accuracy-vs-steps and accuracy-vs-time curves, as PNG."""
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..files import atomic_open
 
+logger = logging.getLogger(__name__)
 
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_curves(history: list[dict], path: Path, title: str) -> bool:
+    """Draw the curves into `path`; False (and one logged line) without matplotlib."""
+    plt = _pyplot(path)
+    if plt is None:
+        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [h["step"] for h in history]
     minutes = [h["wall_seconds"] / 60 for h in history]
@@ -34,17 +37,17 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+    return True
 
 
 def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy vs minutes of steps, one colour per arm: the mean over its seeds (each seed's
     accuracy held from one evaluation to the next) and the band from the lowest to the
-    highest seed. An arm with a run whose peak RSS exceeded the budget is drawn dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    highest seed. An arm with a run whose peak RSS exceeded the budget is drawn dashed.
+    False (and one logged line) without matplotlib."""
+    plt = _pyplot(path)
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
@@ -64,6 +67,20 @@ def plot_compare(rows: list[dict], path: Path, title: str) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
+    return True
+
+
+def _pyplot(path: Path) -> Any:
+    """matplotlib's pyplot on the Agg backend, imported only to draw; None without the `plots` extra."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        logger.warning(f"{path} not drawn: plots need the 'plots' extra: pip install 'ortzo[plots]'")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def seed_band(runs: list[list[dict]], points: int = 200) -> tuple[np.ndarray, ...]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from ..output import progress
 from .batches import Encoder
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -31,7 +31,7 @@ def label_scores(score: Scorer, encoder: Encoder, examples: Sequence[dict], batc
     order = np.argsort([len(e) for e in encoded], kind="stable")
     out = np.zeros((len(examples), len(encoder.task.label_words)))
     starts = range(0, len(order), batch_size)
-    for i in tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=desc is None):
+    for i in progress(starts, hide=desc is None, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         idx = order[i:i + batch_size]
         b = encoder.batch([encoded[j] for j in idx], np.zeros(len(idx), np.int64))
         out[idx] = b.candidate_scores(score(b.feeds))

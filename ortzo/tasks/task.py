@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import string
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import OrtzoError
 
@@ -71,7 +73,7 @@ BUILTIN = {
 # Other prompts of the built-in tasks, with their label words ("mezo" is MeZO's own, above).
 REVIEW = "Review: {sentence}\nSentiment:"
 # two demonstrations in context (LM-BFF, Gao et al., ACL 2021): training sentences, negative first,
-# picked by their loss on other training rows (docs/ablation/demo_candidates.py; docs/ablation-sst2.md)
+# picked by their loss on other training rows (experiments/demo_candidates.py; docs/ablation-sst2.md)
 DEMOS = ("Review: distanced us from the characters\nSentiment: negative\n\n"
          "Review: is a movie full of grace\nSentiment: positive\n\n")
 TEMPLATES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
@@ -88,7 +90,39 @@ TEMPLATES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 # lower.
 DEFAULTS = {"sst2": "review-demos", "sst5": "review", "rte": "qa", "boolq": "mezo"}
 
-SPEC_KEYS = ("name", "template", "label_words", "label_field", "truncate_field", "data", "train_split", "eval_split")
+
+
+class TaskSpec(BaseModel):
+    """A custom task's TOML keys (the module docstring lists them): unknown keys, wrong types,
+    a template without placeholders and fewer than two label words are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = None
+    template: str
+    label_words: list[str] = Field(min_length=2)
+    label_field: str = "label"
+    truncate_field: str | None = None
+    data: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, template: str) -> str:
+        try:  # parsing also rejects unbalanced braces
+            names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if not names:
+            raise ValueError("the template has no {field} placeholder")
+        return template
+
+    @model_validator(mode="after")
+    def _truncated_field_is_prompted(self) -> TaskSpec:
+        if self.truncate_field and f"{{{self.truncate_field}}}" not in self.template:
+            raise ValueError(f"truncate_field {self.truncate_field!r} is not in the template")
+        return self
 
 
 def templates(task: str) -> tuple[str, ...]:
@@ -125,36 +159,22 @@ def load_task(name_or_spec: str, template: str | None = None) -> Task:
 
 
 def _from_spec(d: dict[str, Any], path: Path) -> Task:
-    def bad(why: str) -> OrtzoError:
-        return OrtzoError(f"bad task spec {path}: {why}")
-
-    unknown = sorted(set(d) - set(SPEC_KEYS))
-    if unknown:
-        raise bad(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
-                  f"(valid keys: {', '.join(SPEC_KEYS)})")
-    for key in ("template", "label_words"):
-        if key not in d:
-            raise bad(f"missing key {key!r}")
-    for key, value in d.items():
-        ok = (isinstance(value, list) and all(isinstance(w, str) for w in value)) if key == "label_words" \
-            else isinstance(value, str)
-        if not ok:
-            raise bad(f"{key} must be {'a list of strings' if key == 'label_words' else 'a string'}, got {value!r}")
-    data = d.get("data")
+    try:
+        spec = TaskSpec.model_validate(d)
+    except ValidationError as e:
+        raise OrtzoError(f"bad task spec {path}: {'; '.join(map(_explain, e.errors()))}") from None
+    data = spec.data
     if data and not data.startswith(HUB):
         data = str((path.parent / data).resolve())
-    defaults = {f.name: f.default for f in fields(Task)}
-    task = Task(name=d.get("name", path.stem), template=d["template"], label_words=tuple(d["label_words"]),
-                **{k: d.get(k, defaults[k]) for k in ("label_field", "truncate_field", "train_split", "eval_split")},
-                data=data, template_name="spec")
-    try:
-        placeholders = task.fields  # parsing the template also rejects unbalanced braces
-    except ValueError as e:
-        raise bad(f"template: {e}") from None
-    if not placeholders:
-        raise bad("the template has no {field} placeholder")
-    if len(task.label_words) < 2:
-        raise bad("needs at least two label_words")
-    if task.truncate_field and task.truncate_field not in placeholders:
-        raise bad(f"truncate_field {task.truncate_field!r} is not in the template")
-    return task
+    return Task(**spec.model_dump(exclude={"name", "label_words", "data"}), name=spec.name or path.stem,
+                label_words=tuple(spec.label_words), data=data, template_name="spec")
+
+
+def _explain(err: dict[str, Any]) -> str:
+    key = ".".join(map(str, err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r} (valid keys: {', '.join(TaskSpec.model_fields)})"
+    if err["type"] == "missing":
+        return f"missing key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err['input']!r})" if key else msg
