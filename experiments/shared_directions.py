@@ -6,7 +6,7 @@ the gradient at channel c. On the first batches |G| is 3.77 against the full gra
 A diagnostic for the next lever, not a product path: `ortzo eval` of such a run replays it
 with full directions, so compare the run's own metrics.
 
-    python docs/ablation/shared_directions.py OUT MODEL [finetune options...]
+    python experiments/shared_directions.py OUT MODEL [finetune options...]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Put the metrics of run folders made by `ortzo finetune` (not `ortzo compare`) into one curves
 CSV in compare's columns, and plot it as compare does, so one-off runs sit beside an ablation:
 
-    python docs/ablation/collect_runs.py OUT.csv "TITLE" ARM=RUN_FOLDER [ARM=RUN_FOLDER ...]
+    python experiments/collect_runs.py OUT.csv "TITLE" ARM=RUN_FOLDER [ARM=RUN_FOLDER ...]
 
 writes OUT.csv and OUT.png (accuracy against minutes of steps, one line per arm)."""
 from __future__ import annotations

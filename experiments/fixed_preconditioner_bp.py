@@ -4,7 +4,7 @@ time? Backprop with true gradients and AdamW's step replaced by SGD divided, per
 the rms of the first WARM gradients and fixed from then on (no momentum, no later moments): a
 fixed diagonal preconditioner, the best case of `--direction-scale`. Needs the torch extra.
 
-    python docs/ablation/fixed_preconditioner_bp.py OUT MODEL --engine torch-bp --optimizer adamw [finetune options...]
+    python experiments/fixed_preconditioner_bp.py OUT MODEL --engine torch-bp --optimizer adamw [finetune options...]
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ then the evaluation again, as a run ends: the same inputs in the same order, thr
 inference session, nothing perturbed, nothing trained. The run's metrics give its peak RSS at
 each evaluation; the ratio of the two is the fine-tuning cost in memory.
 
-usage: python docs/ablation/inference_peak.py CONFIG STEPS   (CONFIG: a finetune --config file)
+usage: python experiments/inference_peak.py CONFIG STEPS   (CONFIG: a finetune --config file)
 """
 import json
 import sys

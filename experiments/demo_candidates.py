@@ -3,8 +3,8 @@ drawn from the training split, so that choosing one never looks at validation. D
 negative and one positive training row of 4-12 words with random.Random(100 + k) and writes the
 review prompt behind them in both orders. Screened zero-shot in docs/ablation-sst2.md:
 
-    python docs/ablation/demo_candidates.py ../shared/data/sst2 docs/ablation/prompts 4
-    ortzo eval models/smollm2-135m --task docs/ablation/prompts/demos-0-neg-first.toml \
+    python experiments/demo_candidates.py ../shared/data/sst2 experiments/prompts 4
+    ortzo eval models/smollm2-135m --task experiments/prompts/demos-0-neg-first.toml \
         --data ../shared/data/sst2 --eval-split train --eval-examples 400 --seed 0
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(data: str, out: str, draws: int) -> None:
         for order, demos in (("neg-first", [neg, pos]), ("pos-first", [pos, neg])):
             path = Path(out) / f"demos-{k}-{order}.toml"
             # a JSON string is a valid TOML basic string
-            path.write_text(f"# SST-2 prompt with demonstrations, draw {k} (docs/ablation/demo_candidates.py)\n"
+            path.write_text(f"# SST-2 prompt with demonstrations, draw {k} (experiments/demo_candidates.py)\n"
                             f'name = "sst2"\ntemplate = {json.dumps(prompt(demos))}\n'
                             f'label_words = {json.dumps(list(WORDS))}\ntruncate_field = "sentence"\n')
             print(path)

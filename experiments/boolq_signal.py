@@ -8,7 +8,7 @@ oracle, an upper bound).
 Given a run folder (and a step) instead of a model folder, it asks the same of the trained
 weights: did training teach a ranking, or only a bias?
 
-usage: python docs/ablation/boolq_signal.py TEMPLATE MAX_LENGTH N [MODEL_OR_RUN [STEP]]
+usage: python experiments/boolq_signal.py TEMPLATE MAX_LENGTH N [MODEL_OR_RUN [STEP]]
 """
 import json
 import sys

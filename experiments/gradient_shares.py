@@ -2,7 +2,7 @@
 rms of its weights and of its gradient (autograd, the mean over the first BATCHES training
 batches of the default recipe), and its share of the squared gradient. Needs the torch extra:
 
-    python docs/ablation/gradient_shares.py models/smollm2-135m ../shared/data/sst2 > OUT.csv
+    python experiments/gradient_shares.py models/smollm2-135m ../shared/data/sst2 > OUT.csv
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ each norm scale multiplies (its normalized input x / rms(x), over the batches' r
 forward-only statistic, and the Gauss-Newton curvature of a scale is proportional to it).
 Prints the concentration summary and writes one row per channel. Needs the torch extra:
 
-    python docs/ablation/channel_shares.py models/smollm2-135m ../shared/data/sst2 OUT.csv
+    python experiments/channel_shares.py models/smollm2-135m ../shared/data/sst2 OUT.csv
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ which the run's process then holds: compare steps and accuracy, not RSS. The run
 ordinary one whose recorded section holds the oracle's scales (its config says weight-rms):
 `ortzo eval` and `--resume` use them.
 
-    python docs/ablation/oracle_scales.py tensor|coordinate|curvature OUT MODEL [finetune options...]
+    python experiments/oracle_scales.py tensor|coordinate|curvature OUT MODEL [finetune options...]
 """
 from __future__ import annotations
 
