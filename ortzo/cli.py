@@ -126,6 +126,7 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _bake(a: argparse.Namespace) -> None:
+    from .model.bake import GENAI_CONFIG
     from .recipes.bake import bake
 
     o = config.BakeOptions.build(config.given(a, config.BakeOptions))
@@ -133,7 +134,8 @@ def _bake(a: argparse.Namespace) -> None:
              sha256=o.sha256)
     size = sum(p.stat().st_size for p in Path(o.out).iterdir())
     load = "onnxruntime.InferenceSession(out/model.onnx)" if m.source.get("kind") == "onnx" else \
-        "ORTModelForCausalLM.from_pretrained(out)"
+        "ORTModelForCausalLM.from_pretrained(out), og.Model(out)" if (Path(o.out) / GENAI_CONFIG).exists() else \
+        "ORTModelForCausalLM.from_pretrained(out, use_cache=False)"
     logger.info(f"wrote {o.out}: {size / 2**20:.1f} MiB ({load})")
 
 

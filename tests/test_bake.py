@@ -107,7 +107,8 @@ def test_baked_logits_are_the_scoring_heads_log_probs(model, request, tmp_path):
     folder = request.getfixturevalue(model)
     bake(folder, tmp_path / "baked", say=lambda _: None)
     assert sorted(p.name for p in (tmp_path / "baked").iterdir()) == [
-        "config.json", "generation_config.json", MODEL, DATA, "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "genai_config.json", "generation_config.json", MODEL, DATA, "tokenizer.json",
+        "tokenizer_config.json"]
     feeds = _feeds()
     logits = _baked_logits(tmp_path / "baked", feeds)
     b, s = feeds["input_ids"].shape
@@ -236,6 +237,61 @@ def test_optimum_loads_the_baked_causal_lm_with_its_kv_cache_and_generates_as_tr
     assert generated.tolist() == want.tolist()
 
 
+def test_onnxruntime_genai_generates_with_the_baked_causal_lm_as_transformers_does(runs, tiny_hf, tmp_path):
+    """og.Model loads the baked run as it is (genai_config.json, the same graph, its cache grown
+    by og): at every token its logits are transformers' for the whole sequence so far with the
+    run's weights, and its greedy tokens are transformers' greedy tokens."""
+    import onnxruntime_genai as og
+
+    out = tmp_path / "baked"
+    bake(runs["ort"], out, say=lambda _: None)
+    model = og.Model(str(out))
+    prompt = [int(t) for t in og.Tokenizer(model).encode(PROMPT)]
+    assert prompt == AutoTokenizer.from_pretrained(out)(PROMPT)["input_ids"]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    logits = []
+    while not generator.is_done():
+        logits.append(np.asarray(generator.get_logits())[0, -1])
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)]
+    _, store, _ = weights_at(runs["ort"])
+    torch_model = _torch_model(tiny_hf, store)
+    with torch.no_grad():
+        want = torch_model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        full = torch_model(want).logits[0].numpy()
+    assert tokens == want[0].tolist()
+    np.testing.assert_allclose(np.array(logits), full[len(prompt) - 1:-1], rtol=0, atol=1e-4)
+
+
+def test_a_gguf_converted_tokenizer_encodes_in_onnxruntime_genai_as_in_ortzo(tiny_model, tmp_path):
+    """transformers' GGUF conversion gives a byte-level BPE SentencePiece's decoder steps, which
+    made onnxruntime-genai encode each space as three unknown tokens (SmolLM2's packaged GGUF
+    generated garbage). Baked, og encodes and decodes as ortzo's tokenizer does, and every
+    token decodes as the folder's own tokenizer decodes it."""
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["decoder"] = {"type": "Sequence", "decoders": [  # as transformers writes it for SmolLM2's GGUF
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    bake(folder, tmp_path / "baked", say=lambda _: None)
+    tokenizer = og.Tokenizer(og.Model(str(tmp_path / "baked")))
+    ids = [int(t) for t in tokenizer.encode(PROMPT)]
+    assert ids == Tokenizer(folder, Manifest.load(folder).tokenizer).encode(PROMPT)
+    assert tokenizer.decode(np.array(ids, np.int32)) == PROMPT
+    source, baked = (HFTokenizer.from_file(str(f / "tokenizer.json")) for f in (folder, tmp_path / "baked"))
+    everything = list(range(source.get_vocab_size()))
+    assert [baked.decode([i]) for i in everything] == [source.decode([i]) for i in everything]
+    assert baked.decode(everything) == source.decode(everything)
+
+
 def test_the_kv_cache_computes_what_the_whole_sequence_does(tiny_model, tmp_path):
     """Optimum's cached generation is an argmax loop over the baked model rerun on the whole
     sequence from an empty cache."""
@@ -273,6 +329,7 @@ def test_without_the_export_extra_the_baked_model_has_no_cache_and_says_so(tiny_
     said: list[str] = []
     bake(tiny_model, tmp_path / "baked", say=said.append)
     assert len(said) == 1 and "torch is missing" in said[0] and "use_cache=False" in said[0] and "\n" not in said[0]
+    assert not (tmp_path / "baked" / "genai_config.json").exists()  # og needs the cache
     feeds = _feeds()
     store, session = open_folder(tiny_model)
     b, s = feeds["input_ids"].shape

@@ -1,12 +1,14 @@
 """A trainable folder's weights as a standard ONNX model that plain onnxruntime loads.
 
 A folder `ortzo export` made becomes what Optimum's `ORTModelForCausalLM.from_pretrained(out)`
-loads with its defaults and generates with, reusing its KV cache:
+and onnxruntime-genai's `og.Model(out)` load as they are and generate with, reusing its KV cache:
 
     model.onnx              the causal LM with its KV cache (model/cached.py), every weight an initializer
     model.onnx_data         the weights (Linear weights [in, out] where the graph reads them so)
     config.json             the model's Hugging Face config (without it Optimum re-exports)
     generation_config.json  its start, end and padding tokens
+    genai_config.json       what onnxruntime-genai's og.Model(out) needs to generate with the same
+                            graph and cache (a generic decoder: the graph computes the family's details)
     tokenizer.json          the folder's tokenizer, adding the start token exactly when ortzo
     tokenizer_config.json   does; with the special tokens AutoTokenizer needs
 
@@ -28,6 +30,8 @@ recipe's business (recipes/bake.py).
 """
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -45,10 +49,12 @@ from .weights import WeightStore
 
 if TYPE_CHECKING:
     import onnx
+    from tokenizers import Tokenizer
 
 MODEL = "model.onnx"
 DATA = "model.onnx_data"
 TOKENIZER = "tokenizer.json"
+GENAI_CONFIG = "genai_config.json"
 PREPARED = "onnx"  # the source kind of a folder `ortzo prepare` made (model/prepare.py)
 
 
@@ -75,8 +81,11 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
         build.mkdir()
         _write_model(graph, store, folder, build, reads_transposed)
         if config is not None:
+            generation = _generation(config, manifest.tokenizer)
             write_json(build / "config.json", config)
-            write_json(build / "generation_config.json", _generation(config, manifest.tokenizer))
+            write_json(build / "generation_config.json", generation)
+            if reads_transposed is not None:  # the KV-cache graph
+                write_json(build / GENAI_CONFIG, _genai_config(graph, config, generation))
         if manifest.tokenizer and config is not None:
             _write_tokenizer(folder, manifest.tokenizer, config, build)
         elif manifest.tokenizer:
@@ -153,6 +162,51 @@ def _generation(config: dict[str, Any], tokenizer: dict[str, Any]) -> dict[str, 
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def _plain_byte_level_decoder(tok: Tokenizer) -> None:
+    """Give a byte-level BPE the plain ByteLevel decoder where transformers' GGUF conversion
+    wrote SentencePiece's steps before it (ByteFallback, Fuse, Replace "\u2581"): ort-extensions,
+    which tokenizes for onnxruntime-genai, reads ByteFallback as a SentencePiece model and then
+    encodes each space as three unknown tokens. Decoding is unchanged: those steps act only on
+    <0xNN> tokens and on "\u2581", which such a vocabulary has not (checked)."""
+    from tokenizers import decoders
+
+    spec = json.loads(tok.to_str())
+    steps = (spec.get("decoder") or {}).get("decoders") or []
+    sentencepiece = [{"type": "ByteFallback"}, {"type": "Fuse"},
+                     {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}]
+    if not (steps and steps[-1]["type"] == "ByteLevel" and all(step in sentencepiece for step in steps[:-1])
+            and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))):
+        return
+    if any(re.fullmatch(r"<0x[0-9A-F]{2}>", t) or "\u2581" in t for t in tok.get_vocab()):
+        return
+    tok.decoder = decoders.ByteLevel()
+
+
+def _genai_config(graph: onnx.ModelProto, config: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """onnxruntime-genai's description of the KV-cache graph. Layers, heads and head size come
+    from the graph's past inputs ([batch, kv heads, past, head size]) and the vocabulary from its
+    logits, which every family exports alike (config keys differ between families). The type is
+    og's generic "decoder" (the graph computes the family's details), and the cache grows token
+    by token instead of one buffer sized to the whole context."""
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in graph.graph.input}
+    logits = next(o.type.tensor_type.shape.dim for o in graph.graph.output if o.name == "logits")
+    layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    heads, head_size = inputs["past_key_values.0.key"][1].dim_value, inputs["past_key_values.0.key"][3].dim_value
+    context = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(config.get(k), int)), 2048)  # og needs one; 2048 where the config names none
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask",  # position_ids: og feeds them if read
+             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    decoder = {"filename": MODEL, "num_hidden_layers": layers, "num_key_value_heads": heads, "head_size": head_size,
+               "num_attention_heads": config.get("num_attention_heads", heads),
+               "hidden_size": config.get("hidden_size", heads * head_size),
+               "session_options": {"provider_options": []}, "inputs": names,
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"}}
+    return {"model": {"type": "decoder", "context_length": context, "vocab_size": logits[2].dim_value,
+                      **generation, "decoder": decoder},
+            "search": {"do_sample": False, "num_beams": 1, "max_length": context, "past_present_share_buffer": False}}
+
+
 def _write_tokenizer(folder: Path, info: dict[str, Any], config: dict[str, Any], out: Path) -> None:
     """tokenizer.json, encoding as ortzo's tokenizer does (the start token iff the manifest
     says so: a tokenizer read from GGUF may add one the model never saw), and the
@@ -166,6 +220,7 @@ def _write_tokenizer(folder: Path, info: dict[str, Any], config: dict[str, Any],
         start = tok.id_to_token(bos) if bos is not None else None
         tok.post_processor = None if start is None else processors.TemplateProcessing(
             single=f"{start} $A", special_tokens=[(start, bos)])
+    _plain_byte_level_decoder(tok)
     with atomic_open(out / "tokenizer.json", "w") as f:
         f.write(tok.to_str())
     eos = config.get("eos_token_id")
