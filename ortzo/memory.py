@@ -17,10 +17,11 @@ Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 count s b h (34 + 5 a s / h) bytes a layer in fp16: dropout masks and the materialised
 s x s attention scores included. Our count differs where our implementation does: SDPA's CPU
 flash kernel keeps q, k, v, its output and a log-sum-exp per row and head (no s x s scores),
-dropout is off (no masks), RMSNorm upcasts to fp32, and GQA's k/v are repeated only when SDPA
-gets a mask. MeZO (Malladi et al. 2023) needs inference memory: the weights, one
-forward's transient activations and the head; its reference code adds one Gaussian z of the
-largest parameter at a time (torch-mezo), ortzo's directions a few 64k-element chunks (none).
+dropout is off (no masks), RMSNorm upcasts to fp32 (Gemma's norms and Cohere's LayerNorm
+compute in fp32 throughout), and GQA's k/v are repeated only when SDPA gets a mask. MeZO
+(Malladi et al. 2023) needs inference memory: the weights, one forward's transient activations
+and the head; its reference code adds one Gaussian z of the largest parameter at a time
+(torch-mezo), ortzo's directions a few 64k-element chunks (none).
 
 Notation: b batch, s sequence, t = b s tokens, h hidden, n heads, k kv heads, d head dim,
 I intermediate, V vocab, c bytes of the compute dtype (4 for fp32); sizes below are bytes.
@@ -50,8 +51,10 @@ from .errors import OrtzoError
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 METHODS = ("ort-mezo", "torch-mezo", "bp")
 OPTIMIZER_COPIES = {"adamw": 2, "sgd": 0, "momentum": 1}  # state tensors per parameter (torch.optim)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "opt", "gpt_neox", "phi3")
-_GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")  # down(act(gate x) * up x)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere", "gpt2", "opt", "gpt_neox",
+            "phi3", "phi")
+_GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "cohere", "phi3")  # down(act(gate x) * up x)
+_GEMMA = ("gemma3_text", "gemma2")  # fp32 RMSNorms scaling by (1 + weight), four a layer; a scaled embedding
 _UNGATED_KEPT = {"gelu_new": 5, "gelu": 2, "relu": 1}  # I-wide tensors an fc-act-fc MLP keeps
 _FLOAT_MASK = ("opt",)  # builds one float mask that every layer's SDPA shares (others: a bool one)
 
@@ -100,6 +103,9 @@ class Arch:
     parallel_residual: bool = True  # gpt_neox
     sliding: tuple[bool, ...] = ()  # per layer: attends within `window` tokens
     window: int = 0
+    head_bias: bool = False  # phi: the LM head has a bias (also when its weight is tied)
+    qk_norm: bool = False  # phi's qk_layernorm, cohere's use_qk_norm (qwen3 and gemma3 always have theirs)
+    softcap: bool = False  # a final logit soft-cap, tanh(logits / cap) cap (gemma2)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Arch:
@@ -107,10 +113,11 @@ class Arch:
         leaves out takes the default of that model_type's config class (`save_pretrained`
         writes only what differs), and kv heads and head_dim, where the class derives them,
         are derived (heads, hidden / heads)."""
-        c = {k: v for k, v in config.items() if v is not None}
+        c = {k: v for k, v in config.items() if v is not None or k in _NULLABLE}
         family = c.get("model_type")
         if family == "gemma3":  # the multimodal wrapper: its language model
-            c, family = {k: v for k, v in (c.get("text_config") or {}).items() if v is not None}, "gemma3_text"
+            c = {k: v for k, v in (c.get("text_config") or {}).items() if v is not None or k in _NULLABLE}
+            family = "gemma3_text"
         if family not in FAMILIES:
             raise OrtzoError(f"{'unsupported model_type ' + repr(family) if family else 'config without model_type'} "
                              f"(the memory model knows {', '.join(FAMILIES)})")
@@ -126,6 +133,8 @@ class Arch:
         return self.proj_dim or self.hidden
 
 
+# Keys whose None means something (no soft-cap), not "the class default".
+_NULLABLE = ("final_logit_softcapping",)
 _LLAMA = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
           "vocab_size": 32000, "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
           "mlp_bias": False}
@@ -139,8 +148,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                              "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216,
                              "vocab_size": 262208, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
                              "sliding_window": 4096, "sliding_window_pattern": 6},
+    "gemma2": _LLAMA | {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+                        "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000,
+                        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096,
+                        "final_logit_softcapping": 30.0},
+    "cohere": _LLAMA | {"hidden_size": 8192, "num_hidden_layers": 40, "num_attention_heads": 64,
+                        "intermediate_size": 22528, "vocab_size": 256000, "tie_word_embeddings": True,
+                        "use_qk_norm": False},
     "phi3": _LLAMA | {"hidden_size": 3072, "intermediate_size": 8192, "vocab_size": 32064,
                       "partial_rotary_factor": 1.0},
+    "phi": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "intermediate_size": 8192,
+            "vocab_size": 51200, "tie_word_embeddings": False, "hidden_act": "gelu_new", "partial_rotary_factor": 0.5,
+            "qk_layernorm": False},
     "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024,
              "activation_function": "gelu_new", "tie_word_embeddings": True},
     "opt": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "ffn_dim": 3072,
@@ -161,6 +180,8 @@ def _llama_like(c: dict[str, Any]) -> Arch:
     if family == "gemma3_text" and not types:  # older configs: every 6th layer global
         types = ["full_attention" if (i + 1) % c["sliding_window_pattern"] == 0 else "sliding_attention"
                  for i in range(layers)]
+    if family == "gemma2" and not types:  # older configs: sliding and global layers alternate, sliding first
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
     if family in ("mistral", "phi3") and window:
         types = ["sliding_attention"] * layers
     if family == "qwen2" and not c.get("use_sliding_window"):
@@ -169,8 +190,9 @@ def _llama_like(c: dict[str, Any]) -> Arch:
                 c["vocab_size"], c["tie_word_embeddings"], c.get("hidden_activation", c["hidden_act"]),
                 rotary_dims=int(head_dim * c.get("partial_rotary_factor", 1.0)),
                 qkv_bias=family == "qwen2" or c["attention_bias"], out_bias=family != "qwen2" and c["attention_bias"],
-                mlp_bias=c["mlp_bias"], sliding=tuple(t == "sliding_attention" for t in types) if types and window
-                else (), window=window)
+                mlp_bias=c["mlp_bias"] and family not in ("gemma2", "cohere"),  # theirs take no mlp_bias
+                sliding=tuple(t == "sliding_attention" for t in types) if types and window else (), window=window,
+                qk_norm=family == "cohere" and c["use_qk_norm"], softcap=c.get("final_logit_softcapping") is not None)
 
 
 def _gpt2(c: dict[str, Any]) -> Arch:
@@ -198,23 +220,41 @@ def _gpt_neox(c: dict[str, Any]) -> Arch:
                 parallel_residual=c["use_parallel_residual"])
 
 
-_READERS = dict.fromkeys(_GATED, _llama_like) | {"gpt2": _gpt2, "opt": _opt, "gpt_neox": _gpt_neox}
+def _phi(c: dict[str, Any]) -> Arch:
+    h, n = c["hidden_size"], c["num_attention_heads"]
+    head_dim = c.get("head_dim", h // n)  # PhiConfig has none; the model reads one if given
+    return Arch("phi", h, c["num_hidden_layers"], n, c.get("num_key_value_heads", n), head_dim, c["intermediate_size"],
+                c["vocab_size"], c["tie_word_embeddings"], c["hidden_act"],
+                rotary_dims=int(head_dim * c["partial_rotary_factor"]), qkv_bias=True, out_bias=True, mlp_bias=True,
+                head_bias=True, qk_norm=c["qk_layernorm"])
+
+
+_READERS = dict.fromkeys(_GATED, _llama_like) | {"gpt2": _gpt2, "opt": _opt, "gpt_neox": _gpt_neox, "phi": _phi}
 
 
 # ---------------------------------------------------------------------------------- parameters
 
 def layer_parameters(a: Arch) -> list[tuple[int, ...]]:
     """Shapes of one decoder layer's parameter tensors, fused where the model fuses them
-    (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj)."""
-    h, nd, kd, i = a.hidden, a.inner, a.kv_heads * a.head_dim, a.intermediate
+    (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and gate_up_proj); q, k, v
+    first (q and v at 0 and 2 where they are apart). Norms: two RMSNorms (llama-like), Gemma's
+    four, Cohere's one LayerNorm without a bias (its q/k norms, if any, are [heads, d] and
+    [kv heads, d] matrices of weights: `_norm_matrices`), Phi's one LayerNorm with a bias (and
+    its q/k LayerNorms of d), two LayerNorms with biases otherwise."""
+    h, nd, kd, i, d = a.hidden, a.inner, a.kv_heads * a.head_dim, a.intermediate, a.head_dim
     if a.family == "phi3":
         return [(h, nd + 2 * kd), (nd, h), (h, 2 * i), (i, h), (h,), (h,)]
+    if a.family == "phi":  # q, k, v, dense, fc1 and fc2 all with biases
+        qk_norms = [(d,)] * 4 if a.qk_norm else []
+        return [(h, nd), (h, kd), (h, kd), (nd,), (kd,), (kd,), (nd, h), (h,), (h, i), (i,), (i, h), (h,), (h,), (h,)] \
+            + qk_norms
     if a.family in _GATED:
         qkv = [(h, nd), (h, kd), (h, kd)] + ([(nd,), (kd,), (kd,)] if a.qkv_bias else [])
         out = [(nd, h)] + ([(h,)] if a.out_bias else [])
         mlp = [(h, i), (h, i), (i, h)] + ([(i,), (i,), (h,)] if a.mlp_bias else [])
-        norms = {"gemma3_text": [(h,)] * 4 + [(a.head_dim,)] * 2,
-                 "qwen3": [(h,)] * 2 + [(a.head_dim,)] * 2}.get(a.family, [(h,)] * 2)
+        norms = {"gemma3_text": [(h,)] * 4 + [(d,)] * 2, "gemma2": [(h,)] * 4,
+                 "cohere": [(h,)] + _norm_matrices(a),
+                 "qwen3": [(h,)] * 2 + [(d,)] * 2}.get(a.family, [(h,)] * 2)
         return qkv + out + mlp + norms
     fused = a.family in ("gpt2", "gpt_neox")
     qkv = ([(h, 3 * nd)] if fused else [(h, nd)] * 3) + (([(3 * nd,)] if fused else [(nd,)] * 3) if a.qkv_bias else [])
@@ -223,14 +263,22 @@ def layer_parameters(a: Arch) -> list[tuple[int, ...]]:
     return qkv + out + mlp + [(h,)] * 4  # two LayerNorms, weight and bias
 
 
+def _norm_matrices(a: Arch) -> list[tuple[int, ...]]:
+    """Cohere's q/k norms, when it has them, weigh each head apart: [heads, d] and [kv heads,
+    d]. Two-dimensional, yet no MatMul's: a frozen base stores them as they are."""
+    return [(a.heads, a.head_dim), (a.kv_heads, a.head_dim)] if a.family == "cohere" and a.qk_norm else []
+
+
 def outer_parameters(a: Arch) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Shapes (input side: embeddings, positions, OPT's project_in; output side: final norm,
-    project_out, an untied LM head): the tensors outside the decoder layers."""
+    """Shapes (input side: embeddings, positions, OPT's project_in; output side: final norm
+    (RMSNorm, Cohere's LayerNorm: a weight; LayerNorm: a weight and a bias), project_out, an
+    untied LM head, Phi's head bias): the tensors outside the decoder layers."""
     e = a.embed_dim
     inputs = [(a.vocab, e)] + ([(a.positions, a.hidden)] if a.positions else []) + \
         ([(e, a.hidden)] if a.proj_dim else [])
     norm = [] if not a.final_norm else [(a.hidden,)] * (1 if a.family in _GATED else 2)
-    outputs = norm + ([(a.hidden, e)] if a.proj_dim else []) + ([] if a.tied else [(a.vocab, e)])
+    outputs = norm + ([(a.hidden, e)] if a.proj_dim else []) + ([] if a.tied else [(a.vocab, e)]) + \
+        ([(a.vocab,)] if a.head_bias else [])
     return inputs, outputs
 
 
@@ -275,13 +323,16 @@ def frozen_base_bytes(a: Arch, bits: int, block_size: int = 32, symmetric: bool 
     bits along their rows, a tied table's packed bytes twice (the Gather's layout and the
     head's; scales shared), or (0) all kept fp32; the vectors fp32 twice (the trained buffer
     and the graph's default); LoRA A [in, r] and B [r, out] beside each layer's query and value
-    matrices (the one fused qkv matrix where the model fuses them), twice likewise."""
+    matrices (the one fused qkv matrix where the model fuses them), twice likewise; Cohere's
+    [heads, d] q/k norm weights, frozen but multiplied by no MatMul, fp32 as they are."""
     inputs, outputs = outer_parameters(a)
     project_in = [(a.embed_dim, a.hidden)] if a.proj_dim else []
     tables = [s for s in inputs if len(s) == 2 and s not in project_in]
     head = [s for s in outputs if s == (a.vocab, a.embed_dim)]
-    matrices = [s for s in layer_parameters(a) if len(s) == 2] * a.layers + project_in + \
-        [s for s in outputs if len(s) == 2 and s not in head]
+    layer_matrices = [s for s in layer_parameters(a) if len(s) == 2]
+    for s in _norm_matrices(a):
+        layer_matrices.remove(s)
+    matrices = layer_matrices * a.layers + project_in + [s for s in outputs if len(s) == 2 and s not in head]
     q = lambda shape: quantized_bytes(shape, bits, block_size, symmetric)  # noqa: E731
     if embedding:
         tied = a.vocab * -(-a.embed_dim // block_size) * block_size * embedding // 8 if a.tied else 0
@@ -290,9 +341,12 @@ def frozen_base_bytes(a: Arch, bits: int, block_size: int = 32, symmetric: bool 
         rows = 4 * sum(_sizes(tables + head))
     layer = layer_parameters(a)
     qv = [layer[0]] if a.family in ("gpt2", "gpt_neox", "phi3") else [layer[0], layer[2]]
-    return {"quantized matrices": sum(q(s) for s in matrices), "embedding and head": rows,
-            "trained vectors (x2)": 2 * 4 * vector_count(a),
-            "LoRA (x2)": 2 * 4 * a.layers * sum(lora_rank * (k + n) for k, n in qv)}
+    terms = {"quantized matrices": sum(q(s) for s in matrices), "embedding and head": rows,
+             "trained vectors (x2)": 2 * 4 * vector_count(a),
+             "LoRA (x2)": 2 * 4 * a.layers * sum(lora_rank * (k + n) for k, n in qv)}
+    if _norm_matrices(a):
+        terms["norm matrices"] = 4 * a.layers * sum(_sizes(_norm_matrices(a)))
+    return terms
 
 
 # --------------------------------------------------------------------- activations for backward
@@ -312,6 +366,13 @@ def _layernorm(rows: int, width: int, c: int) -> int:
     return c * rows * width + 2 * c * rows
 
 
+def _cohere_norm(rows: int, width: int, c: int, weight: int) -> int:
+    """Cohere's LayerNorm is composed in fp32, and computes x - mean twice: pow keeps the one
+    and its product with 1/std the other, mul keeps 1/std (fp32, a row) and the normalised x
+    the weight multiplies; below fp32 also the weight's fp32 copy (`weight` elements)."""
+    return 3 * 4 * rows * width + 4 * rows + (4 * weight if c != 4 else 0)
+
+
 def masked(a: Arch, layer: int, seq: int, padded: bool) -> bool:
     """Whether SDPA gets a mask in this layer: transformers drops it for a full causal batch,
     except in a sliding-window layer the sequence fills."""
@@ -322,25 +383,44 @@ def layer_activations(a: Arch, batch: int, seq: int, c: int, mask: bool) -> Coun
     """Bytes one decoder layer keeps for backward, by tensor kind.
 
     norms: 2 (RMSNorm(t h) + c t h) for llama-like (each norm's output feeds a Linear, which
-      keeps it); Gemma 3: 4 fp32 norms, two with their outputs; LayerNorm families
-      2 (c t h + 2 c t + c t h), except that GPT-NeoX's parallel norms share their input.
+      keeps it); Gemma 2 and 3: 4 fp32 norms, two with their outputs (the post-norms' outputs
+      go to the residual sum, which keeps nothing); LayerNorm families 2 (c t h + 2 c t + c t h),
+      except that GPT-NeoX's parallel norms share their input, and Phi and Cohere have one norm
+      whose output both attention and MLP read (LayerNorm + c t h; Cohere's `_cohere_norm`).
+      q/k norms: Qwen3's and Gemma 3's always, Phi's qk_layernorm and Cohere's use_qk_norm when
+      set, each over t n (q) and t k (k) rows of d (Phi's LayerNorm keeps the projection's
+      output as its input).
     q k v: c t n d (q after RoPE) + 2 c t n d when SDPA's mask makes transformers repeat
       GQA's k/v, else 2 c t k d; GPT-2 keeps the fused c_attn output (3 c t h), Phi-3's v and
-      GPT-NeoX's v are views of their fused output ((n + 2k) d, 3 n d); OPT 3 c t n d.
+      GPT-NeoX's v are views of their fused output ((n + 2k) d, 3 n d); OPT 3 c t n d. Phi's
+      partial RoPE concatenates the rotated and the passed dims into new q and k, which SDPA
+      keeps (as llama's), and Cohere's interleaved RoPE keeps only its tables.
     attention: 4 t n (SDPA's log-sum-exp) + c t n d (its output, which o_proj keeps as its
-      input) + c t n d more where that output is head-major and o_proj copies it (NeoX, Phi-3).
+      input) + c t n d more where that output is head-major and o_proj copies it (NeoX, Phi-3,
+      Phi: their q is a torch.cat's head-major output, and SDPA's output follows q's layout).
+      Gemma 2's attention soft-cap is eager attention's: SDPA takes no soft-cap and drops it.
     attention mask: c b s^2, SDPA's CPU kernel turns the boolean mask into a float copy per call
       (OPT's mask is float already, one for all layers: see `outer_activations`).
-    mlp: gated 4 c t I (gate, act(gate), up, their product); GPT-2's composed gelu_new 5 c t I,
-      GPT-NeoX's gelu 2 c t I, OPT's relu c t I (its output is fc2's input).
+    mlp: gated 4 c t I (gate, act(gate), up, their product); GPT-2's and Phi's composed
+      gelu_new 5 c t I, GPT-NeoX's gelu 2 c t I, OPT's relu c t I (its output is fc2's input).
     """
     t = batch * seq
     h, n, d, i, nd, kd = a.hidden, a.heads, a.head_dim, a.intermediate, a.inner, a.kv_heads * a.head_dim
     repeat = mask and a.kv_heads < n
     out: Counter[str] = Counter()
     f = a.family
-    if f == "gemma3_text":
-        out["norms"] = 4 * _gemma_rms(t, h) + 2 * c * t * h + _gemma_rms(t * n, d) + _gemma_rms(t * a.kv_heads, d)
+    if f in _GEMMA:
+        out["norms"] = 4 * _gemma_rms(t, h) + 2 * c * t * h
+        if f == "gemma3_text":
+            out["norms"] += _gemma_rms(t * n, d) + _gemma_rms(t * a.kv_heads, d)
+    elif f == "cohere":
+        out["norms"] = _cohere_norm(t, h, c, h) + c * t * h
+        if a.qk_norm:
+            out["norms"] += _cohere_norm(t * n, d, c, nd) + _cohere_norm(t * a.kv_heads, d, c, kd)
+    elif f == "phi":
+        out["norms"] = _layernorm(t, h, c) + c * t * h
+        if a.qk_norm:
+            out["norms"] += _layernorm(t * n, d, c) + _layernorm(t * a.kv_heads, d, c)
     elif f in _GATED:
         out["norms"] = 2 * (_rms(t, h, c) + c * t * h)
         if f == "qwen3":
@@ -359,7 +439,7 @@ def layer_activations(a: Arch, batch: int, seq: int, c: int, mask: bool) -> Coun
         out["q k v"] = c * t * nd + (2 * c * t * nd if repeat else c * t * kd + c * t * (nd + 2 * kd))
     else:
         out["q k v"] = c * t * nd + (2 * c * t * nd if repeat else 2 * c * t * kd)
-    out["attention"] = 4 * t * n + c * t * nd * (2 if f in ("gpt_neox", "phi3") else 1)
+    out["attention"] = 4 * t * n + c * t * nd * (2 if f in ("gpt_neox", "phi3", "phi") else 1)
     if mask and f not in _FLOAT_MASK:
         out["attention mask"] = c * batch * seq * seq
     out["mlp"] = c * t * i * (4 if f in _GATED else _mlp_kept(a))
@@ -378,10 +458,13 @@ def outer_activations(a: Arch, batch: int, seq: int, c: int, padded: bool) -> Co
 
     indices: 8 t (token ids, which the embedding keeps) + 8 t (learned positions) + 8 b (the
       scored rows); rotary tables: 2 c t r per table (cos, sin: r rotary dims; Gemma 3 has a
-      local and a global table); embeddings: OPT's project_in keeps c t e, Gemma's scale c;
+      local and a global table, Gemma 2 one; Phi's r is its partial_rotary_factor of d);
+    embeddings: OPT's project_in keeps c t e, Gemma's (2 and 3) scale c;
     attention mask: OPT's one float mask, c b s^2, when the batch is padded;
     head: the final norm (as in a layer, without an output: the row gather keeps nothing)
-      + OPT's project_out input c t h + the scored rows the LM head keeps, c b e.
+      + OPT's project_out input c t h + the scored rows the LM head keeps, c b e (Phi's head
+      bias keeps nothing) + a final soft-cap's tanh output, c b V (Gemma 2: its division and
+      multiplication by the cap, like Cohere's logit scale, keep only Python numbers).
     """
     t = batch * seq
     h, e = a.hidden, a.embed_dim
@@ -394,17 +477,19 @@ def outer_activations(a: Arch, batch: int, seq: int, c: int, padded: bool) -> Co
         out["embeddings"] = c * t * e
     if padded and a.family in _FLOAT_MASK:
         out["attention mask"] = c * batch * seq * seq
-    if a.family == "gemma3_text":
+    if a.family in _GEMMA:
         out["embeddings"] = c
     if not a.final_norm:
         head = 0
-    elif a.family == "gemma3_text":
+    elif a.family in _GEMMA:
         head = _gemma_rms(t, h)
+    elif a.family == "cohere":
+        head = _cohere_norm(t, h, c, h)
     elif a.family in _GATED:
         head = _rms(t, h, c)
     else:
         head = _layernorm(t, h, c)
-    out["head"] = head + (c * t * h if a.proj_dim else 0) + c * batch * e
+    out["head"] = head + (c * t * h if a.proj_dim else 0) + c * batch * e + (c * batch * a.vocab if a.softcap else 0)
     return out
 
 
@@ -418,9 +503,17 @@ def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: 
     references keep the embedding output, the layer's input, the residual and the normed
     input alive (4 c t h; GPT-2 also its position embeddings and attention output, 6 c t h),
     plus the larger of the MLP's live intermediates (gated 3 c t I: act, up, product; Phi-3's
-    fused gate_up 4 c t I; GPT-2's composed gelu_new 4 c t I; gelu, relu 2 c t I) and the
-    attention's (q, k, v, repeated k/v, output, the float mask copy); plus the rotary tables
-    and the boolean mask (b s^2). ONNX Runtime frees by its plan (2 c t h held) but
+    fused gate_up 4 c t I; GPT-2's and Phi's composed gelu_new 4 c t I; gelu, relu 2 c t I)
+    and the attention's (q, k, v, repeated k/v, output, the float mask copy); plus the rotary
+    tables and the boolean mask (b s^2). Phi and Cohere, whose MLP runs beside the attention,
+    hold the attention's output through the MLP in place of the llama-like's residual sum
+    (4 c t h too). Phi's attention is counted tensor by tensor: at its peak 3 c t h are held
+    (no attention output yet), q_proj's and k_proj's outputs stay alive beside the
+    concatenations SDPA gets (the slices of the dims RoPE passes hold them), and so do the
+    rotated dims, v, the repeated k and v, SDPA's head-major output and, once SDPA has freed
+    its float mask, the output's copy for `dense`: c t (2 (n + k) d + k d + (n + k) r + n d)
+    + 2 c t n d repeated + the larger of c t n d and c b s^2. ONNX Runtime frees by its plan
+    (2 c t h held) but
     materialises the attention scores and probabilities, 2 c b n s^2. The ORT figure is an
     estimate: peak RSS matched it on Gemma 3 270M (16 x 128) but grew up to 2.7x faster on a
     hidden-256 Llama export (b s^2 and per-token terms of ORT's own plan).
@@ -429,11 +522,16 @@ def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: 
     h, nd, kd = a.hidden, a.inner, a.kv_heads * a.head_dim
     mask = any(masked(a, layer, seq, padded) for layer in range(a.layers))
     repeat = 2 * c * t * nd if mask and a.kv_heads < a.heads else 2 * c * t * kd
-    mlp = c * t * a.intermediate * {"phi3": 4, "gpt2": 4}.get(a.family, 3 if a.family in _GATED else 2)
+    mlp = c * t * a.intermediate * {"phi3": 4, "gpt2": 4}.get(
+        a.family, 3 if a.family in _GATED else 4 if a.act == "gelu_new" else 2)
     attention = 2 * c * t * nd + repeat + (c * batch * seq * seq if mask else 0)
     if ort:
         return 2 * c * t * h + max(mlp, attention + 2 * c * batch * a.heads * seq * seq)
     held = (6 if a.family == "gpt2" else 4) * c * t * h
+    if a.family == "phi":  # written relative to the 4 c t h held: one fewer
+        attention = c * t * (2 * (nd + kd) + kd + (a.heads + a.kv_heads) * a.rotary_dims + nd) - c * t * h + \
+            (2 * c * t * nd if mask and a.kv_heads < a.heads else 0) + \
+            max(c * batch * seq * seq if mask else 0, c * t * nd)
     return held + max(mlp, attention) + outer_activations(a, batch, seq, c, padded)["rotary tables"] + (
         batch * seq * seq if mask else 0)
 

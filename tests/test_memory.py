@@ -10,7 +10,8 @@ from ortzo.cli import main
 from ortzo.errors import OrtzoError
 
 # Tiny configs of every family, each with its awkward options: GQA, head_dim != hidden / heads,
-# biases, untied heads, sliding windows, post-LN with a narrow embedding, sequential NeoX.
+# biases, untied heads, sliding windows, post-LN with a narrow embedding, sequential NeoX, partial
+# rotary, a biased head, q/k norms, parallel attention and MLP, soft-caps and logit scales.
 TINY = {
     "llama": ("llama", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
                             head_dim=12)),
@@ -27,6 +28,22 @@ TINY = {
                                    layer_types=["sliding_attention", "full_attention"] * 2)),
     "phi3": ("phi3", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
                           pad_token_id=0)),
+    "gemma2": ("gemma2", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
+                              head_dim=12, sliding_window=4, final_logit_softcapping=2.0, attn_logit_softcapping=5.0,
+                              layer_types=["sliding_attention", "full_attention"] * 2)),
+    "gemma2-untied-bias": ("gemma2", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6,
+                                          num_key_value_heads=3, head_dim=8, sliding_window=16,
+                                          final_logit_softcapping=None, attention_bias=True,
+                                          tie_word_embeddings=False)),
+    "cohere": ("cohere", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
+                              logit_scale=0.25)),
+    "cohere-qk-norm-untied": ("cohere", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6,
+                                             num_key_value_heads=3, use_qk_norm=True, attention_bias=True,
+                                             tie_word_embeddings=False)),
+    "phi": ("phi", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2,
+                        partial_rotary_factor=0.5)),
+    "phi-qk-norm-tied": ("phi", dict(hidden_size=48, intermediate_size=80, num_attention_heads=6,
+                                     partial_rotary_factor=0.75, qk_layernorm=True, tie_word_embeddings=True)),
     "gpt2": ("gpt2", dict(n_embd=48, n_head=6, n_positions=64, n_inner=80)),
     "opt": ("opt", dict(hidden_size=48, ffn_dim=80, num_attention_heads=6, max_position_embeddings=64)),
     "opt-350m-like": ("opt", dict(hidden_size=48, ffn_dim=80, num_attention_heads=6, max_position_embeddings=64,
@@ -104,7 +121,8 @@ def _saved_bytes(model, padded: bool, fraction: float, dtype) -> int:
 
 
 CASES = [(name, padded, fraction, "float32") for name in TINY for padded in (True, False) for fraction in (0, 0.5)]
-CASES += [(name, True, 0, "bfloat16") for name in ("llama", "gemma3", "gpt2", "gpt_neox")]
+CASES += [(name, True, 0, "bfloat16") for name in ("llama", "gemma3", "gpt2", "gpt_neox", "gemma2",
+                                                    "cohere-qk-norm-untied", "phi-qk-norm-tied")]
 
 
 @pytest.mark.parametrize("name, padded, fraction, dtype", CASES)
@@ -122,6 +140,18 @@ def test_activations_are_what_autograd_saves(name, padded, fraction, dtype):
     predicted = e.terms["activations kept"] - e.activations["indices"] + e.terms["logits"]
     assert predicted == measured
     assert e.checkpointed == round(fraction * config.num_hidden_layers)
+
+
+def test_configs_without_layer_types_get_the_class_pattern():
+    """Older Gemma 2 and Gemma 3 config.json files have no layer_types: the memory model
+    derives them as the config classes do (Gemma 2 alternates, sliding first; Gemma 3 makes
+    every 6th layer global)."""
+    from transformers import AutoConfig
+
+    for family, kw in (("gemma2", {}), ("gemma3_text", {"sliding_window_pattern": 6})):
+        config = AutoConfig.for_model(family, num_hidden_layers=7, sliding_window=8).to_dict()
+        older = {k: v for k, v in config.items() if k != "layer_types"} | kw
+        assert memory.Arch.from_config(older) == memory.Arch.from_config(config)
 
 
 def test_checkpointed_layers_keep_their_input_only():
@@ -306,7 +336,12 @@ def _bp_step_peak(model, optimizer, feeds, labels) -> int:
 
 
 MID = {"llama": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4),
-       "gpt2": dict(n_embd=256, n_head=8, n_positions=128)}
+       "gpt2": dict(n_embd=256, n_head=8, n_positions=128),
+       # a narrow MLP: Phi's peak is its attention's (GPT-2 checks the composed gelu_new's)
+       "phi": dict(hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4),
+       "gemma2": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=32, sliding_window=32),
+       "cohere": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4)}
 
 
 def _mid_model(family: str):
