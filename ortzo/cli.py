@@ -82,8 +82,9 @@ def _mobile(a: argparse.Namespace) -> None:
     o = config.MobileOptions.build(config.given(a, config.MobileOptions))
     m = add_ort_graph(o.model)
     ops = sum(len(names) for names in required_operators(o.model).values())
+    inside = "trained tensors stay inputs, the frozen base is inside" if m.base else "weights stay inputs"
     logger.info(f"wrote {Path(o.model) / m.ort_graph} ({(Path(o.model) / m.ort_graph).stat().st_size / 2**20:.1f} MiB, "
-                f"weights stay inputs) and {OPERATORS} ({ops} operator types); targets with format = \"ort\" load it")
+                f"{inside}) and {OPERATORS} ({ops} operator types); targets with format = \"ort\" load it")
 
 
 def _placement(a: argparse.Namespace) -> None:

@@ -38,6 +38,15 @@ def ort_model(tiny_model, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def frozen_ort(tiny_hf, tmp_path_factory) -> Path:
+    """`ortzo export --format ort` of an int4 base with LoRA on q and v."""
+    out = tmp_path_factory.mktemp("mobile-frozen") / "int4-lora"
+    assert main(["export", str(tiny_hf), "--out", str(out), "--format", "ort", "--quantize", "int4",
+                 "--lora", "r=2,alpha=4,targets=*q_proj,*v_proj", "--quiet"]) == 0
+    return out
+
+
 def _sessions(folder: Path, store: WeightStore) -> tuple[ScoringSession, ScoringSession]:
     """(the .onnx session, the .ort session), both on the CPU provider, over the same store."""
     onnx_session = ScoringSession(folder, store, load_target("cpu"))
@@ -58,7 +67,9 @@ def test_mobile_adds_the_ort_graph_and_changes_nothing_else(tiny_model, ort_mode
     assert {p.name for p in after.parameters} <= inputs
 
 
-def test_ort_graph_scores_like_the_onnx_graph_and_sees_in_place_edits(ort_model):
+@pytest.mark.parametrize("folder", ["ort_model", "frozen_ort"])
+def test_ort_graph_scores_like_the_onnx_graph_and_sees_in_place_edits(folder, request):
+    ort_model = request.getfixturevalue(folder)
     store = WeightStore.load(ort_model, Manifest.load(ort_model))
     onnx_session, ort_session = _sessions(ort_model, store)
     feeds = collate(ENCODED, 1, CANDIDATES)
@@ -67,16 +78,18 @@ def test_ort_graph_scores_like_the_onnx_graph_and_sees_in_place_edits(ort_model)
     for name, arr in store.arrays.items():
         assert ort_session.weight_ptr(name) == arr.ctypes.data, name  # zero-copy, as on the .onnx graph
     rng = np.random.default_rng(0)
-    for arr in list(store.arrays.values())[:6]:  # the embedding, then layer 0's weights
+    for arr in store.arrays.values():  # every trained tensor (a frozen base's LoRA B leaves B = 0)
         arr += rng.normal(0, 0.05, arr.shape).astype(arr.dtype)
     after = ort_session(feeds)
     assert np.abs(after - before).max() > 1e-3, "the .ort session ignored in-place weight edits"
     np.testing.assert_array_equal(after, onnx_session(feeds))
 
 
-def test_mezo_steps_on_the_ort_graph_equal_those_on_the_onnx_graph(ort_model):
+@pytest.mark.parametrize("folder", ["ort_model", "frozen_ort"])
+def test_mezo_steps_on_the_ort_graph_equal_those_on_the_onnx_graph(folder, request):
     """Two stores from the same file, one session each: the same seeds give the same records
     and the same weights, bit for bit."""
+    ort_model = request.getfixturevalue(folder)
     manifest = Manifest.load(ort_model)
     feeds = collate(ENCODED, 1, CANDIDATES)
     runs = []
@@ -126,6 +139,28 @@ def test_export_format_ort_writes_both_graphs(tiny_hf, tiny_model, tmp_path, cap
     assert m.weights_sha256 == Manifest.load(tiny_model).weights_sha256
 
 
+def test_a_frozen_base_goes_inside_the_ort_graph_and_a_too_large_one_is_refused(frozen_ort, tmp_path, monkeypatch):
+    """The quantized matrices are constants, so the .ort file carries them (the trained tensors
+    stay inputs) and its operators include MatMulNBits; a base past a flatbuffer's 2 GiB is one
+    line before the converter runs, the folder untouched."""
+    import ortzo.model.mobile
+
+    m = Manifest.load(frozen_ort)
+    assert m.ort_graph == "model.ort" and (frozen_ort / "model.ort").stat().st_size > m.base["data_bytes"]
+    session = ort.InferenceSession(str(frozen_ort / "model.ort"))
+    overridable = {i.name for i in session.get_overridable_initializers()}  # what a store binds
+    assert {p.name for p in m.parameters} == overridable
+    assert not {f["name"] for f in m.base["frozen"]} & (overridable | {i.name for i in session.get_inputs()})
+    assert "MatMulNBits" in required_operators(frozen_ort)[("com.microsoft", 1)]
+    folder = tmp_path / "big"
+    shutil.copytree(frozen_ort, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(ortzo.model.mobile, "FLATBUFFER_BYTES", m.base["data_bytes"])
+    with pytest.raises(OrtzoError, match=r"does not fit an ORT-format file .*phones run its model.onnx$"):
+        ortzo.model.mobile.add_ort_graph(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_folder_without_the_ort_graph_still_loads_and_mobile_targets_say_why(tiny_model, tmp_path, capfd):
     """Manifests written before `ort_graph` existed load; a target that needs the .ort graph,
     and the bench on it, fail in one line."""
@@ -159,6 +194,21 @@ def test_bench_times_both_formats_and_measures_phone_memory(ort_model, tmp_path,
     assert all(50 < r["inference_mib"] < 200 and r["mezo_step_mib"] >= 0.9 * r["inference_mib"] for r in rows)
     assert main(["bench", str(ort_model), "--directions", "--memory", "8"]) == 2
     assert main(["bench", str(ort_model), "--directions", "--out", str(rows_file)]) == 2
+
+
+def test_phone_memory_of_a_frozen_base_is_predicted_with_its_base(frozen_ort, tmp_path):
+    """The memory model's column prices the frozen base the folder has (int4, blocks of 32,
+    int8 tables, LoRA r=2: export's settings, written out here), not fp32 weights."""
+    from ortzo import memory
+
+    rows_file = tmp_path / "phone.jsonl"
+    assert main(["bench", str(frozen_ort), "--directions", "--provider", "mobile-cpu", "--memory", "2x16",
+                 "--out", str(rows_file)]) == 0
+    (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    config = json.loads((frozen_ort / "hf_config.json").read_text())
+    want = memory.estimate(config, 2, 16, padded=False, base="int4", block_size=32, symmetric=False, embedding=8,
+                           lora_rank=2)
+    assert row["graph"] == "model.ort" and row["predicted_step_mib"] == round(want.total / 2**20, 2)
 
 
 def test_placement_follows_each_providers_rules_for_weights_as_inputs(tiny_model):

@@ -4,7 +4,9 @@ and minimal builds load.
 onnxruntime's own converter (`onnxruntime.tools.convert_onnx_models_to_ort`) writes
 `model.ort` and `required_operators.config` (the operator list a minimal build takes with
 `--include_ops_by_config`). The weights stay graph inputs, so the file holds no weight bytes
-(the flatbuffer's 2 GB limit never applies) and a session over it binds the same store.
+(the flatbuffer's 2 GB limit never applies) and a session over it binds the same store. A
+frozen base's quantized matrices are constants of its graph, so they go inside the file; a base
+too large for a flatbuffer is refused before converting.
 
 Optimization style Fixed, for the ARM target platform: the converter applies every
 CPU-provider optimization once, here (fused norms, FusedMatMul, QuickGelu for SiLU; no NCHWc
@@ -29,6 +31,7 @@ from ..output import silenced
 from .manifest import Manifest
 
 OPERATORS = "required_operators.config"
+FLATBUFFER_BYTES = 2**31 - 2**24  # flatbuffers address 2 GiB; a margin for the graph's own tables
 
 
 def add_ort_graph(folder: str | Path, manifest: Manifest | None = None) -> Manifest:
@@ -42,6 +45,9 @@ def add_ort_graph(folder: str | Path, manifest: Manifest | None = None) -> Manif
     folder = Path(folder)
     manifest = manifest or Manifest.load(folder)
     graph = folder / manifest.graph
+    if manifest.base and manifest.base["data_bytes"] + graph.stat().st_size > FLATBUFFER_BYTES:
+        raise OrtzoError(f"{folder}'s frozen base ({manifest.base['data_bytes'] / 2**30:.2f} GiB) does not fit an "
+                         f"ORT-format file (a flatbuffer, under 2 GiB): phones run its model.onnx")
     ort_graph = Path(manifest.graph).with_suffix(".ort").name
     with tempfile.TemporaryDirectory() as tmp:
         said = io.StringIO()

@@ -25,6 +25,7 @@ from ..engines.ort import trainable_buffers
 from ..optim.mezo import mezo_step
 from ..tasks.objective import loss
 from .measure import in_child, peak_rss_mib, random_batch, vocab_size
+from .validate import frozen_base
 
 logger = logging.getLogger(__name__)
 
@@ -121,17 +122,18 @@ def bench_memory(model: Path, shapes: list[str], target: str, out: Path | None =
         b, s = (int(n) for n in shape.split("x"))
         infer = in_child("forwards", model, target, b, s, 1)
         step = in_child("steps", model, "ort", b, s, 1, json.dumps({"target": target}))
-        predicted = estimate(hf_config(model), b, s, method="ort-mezo", padded=False).total / 2**20
+        predicted = estimate(hf_config(model), b, s, method="ort-mezo", padded=False,
+                             **frozen_base(manifest)).total / 2**20
         rows.append({"model": model.name, "target": target, "graph": graph, "batch": b, "seq": s,
                      "inference_mib": round(infer["peak_rss_mib"]), "mezo_step_mib": round(step["peak_rss_mib"]),
                      "step_vs_inference": round(step["peak_rss_mib"] / infer["peak_rss_mib"], 3),
-                     "predicted_step_mib": round(predicted)})
+                     "predicted_step_mib": round(predicted, 2)})
     print(f"{model.name} ({graph}, target {target}): peak RSS in MiB, one child process per cell, default malloc")
     print("| batch x seq | inference only | MeZO step | step / inference | memory model (step) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} x {r['seq']} | {r['inference_mib']} | {r['mezo_step_mib']} | "
-              f"{r['step_vs_inference']:.2f} | {r['predicted_step_mib']} |")
+              f"{r['step_vs_inference']:.2f} | {r['predicted_step_mib']:.0f} |")
     if out is not None:
         with atomic_open(out, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))

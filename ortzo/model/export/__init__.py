@@ -73,8 +73,6 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if graph_format not in ("onnx", "ort"):
         raise OrtzoError(f"unsupported graph format {graph_format!r}; choose onnx or ort")
-    if graph_format == "ort" and (quant or lora):
-        raise OrtzoError("--format ort with a frozen base (--quantize, --lora): not supported yet; export without it")
     if out.exists() and not out.is_dir():
         raise OrtzoError(f"{out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
@@ -141,19 +139,19 @@ def _build(model: str, source: Source, out: Path, work: Path, opset: int, dtype:
         from ..logits import write_logits_graph  # here: model.logits imports this package's head
 
         manifest = write_logits_graph(build)
-    if graph_format == "ort":
-        with _stage(say, stages, 5, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
-            manifest = add_ort_graph(build, manifest)
     if frozen:
         what = " and ".join(([f"{quant.name} (block {quant.block_size})"] if quant else []) +
                             ([f"LoRA r={lora.r} on {', '.join(lora.targets)}"] if lora else []))
-        with _stage(say, stages, stages, f"freezing the matrices: {what}; vectors and LoRA stay trainable"), quiet():
+        with _stage(say, stages, 5, f"freezing the matrices: {what}; vectors and LoRA stay trainable"), quiet():
             from ..frozen import freeze  # here: model.frozen imports model.logits, which imports this package
 
             shutil.rmtree(work / "frozen", ignore_errors=True)
             manifest = freeze(build, work / "frozen", quant, lora, stored_bits)
             shutil.rmtree(build)
             build = work / "frozen"
+    if graph_format == "ort":  # of the graph the folder trains: the frozen base's, where there is one
+        with _stage(say, stages, stages, "converting the graph to ORT format (onnxruntime's converter)"), quiet():
+            manifest = add_ort_graph(build, manifest)
     if out.exists():
         shutil.rmtree(out)
     build.rename(out)
