@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from . import __version__, config
 from .config import (BenchExportOptions, BenchOptions, CompareOptions, CompareSpec, EvalOptions, ExportOptions,
-                     RunConfig)
+                     RunConfig, flag)
 from .errors import OrtzoError
 from .extras import missing, require
 from .output import LEVELS, configure
@@ -117,6 +117,20 @@ def _finetune(a: argparse.Namespace) -> None:
         from_file = config.read_file(a.config) if a.config else {}
         where = f"{a.config}: " if a.config else ""
         result = finetune.start(RunConfig.build(from_file | given, where), a.out)
+    print(json.dumps(result))
+
+
+def _federate(a: argparse.Namespace) -> None:
+    from .fleet.coordinator import Fleet
+    from .recipes.federate import federate
+
+    given = config.given(a, RunConfig)
+    if fixed := [flag(k) for k in ("steps", "time_budget", "engine") if k in given]:
+        raise OrtzoError(f"ortzo federate sets {', '.join(fixed)} itself: the steps are --clients x --rounds x "
+                         "--steps-per-round, with the ort engine")
+    o = config.FleetOptions.build(config.given(a, config.FleetOptions))
+    fleet = Fleet(o.clients, o.rounds, o.steps_per_round, o.alpha, o.eval_every_rounds)
+    result = federate(RunConfig.build(given), fleet, a.out, resume=a.resume, round_timeout=o.round_timeout)
     print(json.dumps(result))
 
 
@@ -252,6 +266,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "options given here override it")
     run.add_argument("--resume", action="store_true",
                    help="continue the run in --out; options change only the settings a run may change on resume")
+
+    fe = command("federate", "MeZO on a simulated fleet (Flower): seeds and projected gradients on the wire, "
+                 "one global step log", _federate)
+    config.add_options(fe, RunConfig, positional=("model",))
+    config.add_options(fe, config.FleetOptions)
+    fed = fe.add_argument_group("run folder")
+    fed.add_argument("--out", required=True, help="run folder: config, the global step log, rounds.csv")
+    fed.add_argument("--resume", action="store_true", help="continue the fleet run in --out (the same options)")
 
     v = command("eval", "accuracy of a model folder (zero-shot) or of a run's weights", _eval)
     config.add_options(v, EvalOptions, positional=("path",))

@@ -429,6 +429,22 @@ class BakeOptions(Settings):
     sha256: str | None = setting(None, "with --weights: the sha256 Model.save returned, checked before baking")
 
 
+class FleetOptions(Settings):
+    """`ortzo federate`: the fleet a run is spread over; the run's own settings are finetune's."""
+
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "fleet": ("clients", "rounds", "steps_per_round", "alpha", "eval_every_rounds", "round_timeout")}
+    clients: int = setting(..., "devices in the fleet (simulated with Flower's simulation engine)", ge=1)
+    rounds: int = setting(..., "rounds; the run's steps are clients x rounds x steps per round", ge=1)
+    steps_per_round: int = setting(1, "MeZO steps each device takes a round", ge=1)
+    alpha: float | None = setting(None, "non-IID shards: the Dirichlet concentration by label (e.g. 0.5); "
+                                        "default: IID", gt=0)
+    eval_every_rounds: int = setting(10, "evaluate on the server's examples every N rounds (and after the last)",
+                                     ge=1)
+    round_timeout: float | None = setting(None, "seconds a round waits for the devices; a later one is left out "
+                                                "of that round; default: no limit", gt=0)
+
+
 class AdapterOptions(Settings):
     """`ortzo adapter`: a run's trained tensors over a frozen base as an ONNX Runtime adapter."""
 

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "genai": ("onnxruntime_genai",),
     "cuda": ("cupy",),
     "plots": ("matplotlib",),
+    "fleet": ("flwr", "ray"),
 }
 # A module in several extras names the smallest: onnx alone is the `onnx` extra.
 _EXTRA_OF = {m: extra for extra, modules in reversed(EXTRAS.items()) for m in modules}

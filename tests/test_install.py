@@ -18,7 +18,8 @@ from test_docs import _block_under
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_FROM = ("pyproject.toml", "README.md", "ortzo", "targets", "export")  # what the package is built from
-OPTIONAL = ("torch", "onnx", "matplotlib", "transformers", "optimum", "datasets", "onnxruntime_genai", "cupy")
+OPTIONAL = ("torch", "onnx", "matplotlib", "transformers", "optimum", "datasets", "onnxruntime_genai", "cupy", "flwr",
+            "ray")
 
 
 @pytest.fixture(scope="session")
@@ -70,16 +71,19 @@ def test_version_and_every_commands_help(bare):
 
 
 @pytest.mark.parametrize("command,extra,module", [("prepare", "onnx", "onnx"), ("bake", "onnx", "onnx"),
-                                                  ("mobile", "onnx", "onnx"), ("export", "export", "torch")])
+                                                  ("mobile", "onnx", "onnx"), ("export", "export", "torch"),
+                                                  ("federate", "fleet", "flwr")])
 def test_a_command_that_needs_an_extra_says_which_in_one_line(bare, command, extra, module, tiny_hf, tiny_model,
-                                                              tmp_path):
+                                                              tiny_data, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     before = {p: p.read_bytes() for p in folder.rglob("*")}
     out = tmp_path / "out"
     out.mkdir()
     argv = {"prepare": [folder / "model.onnx", "--out", out / "p"], "bake": [folder, "--out", out / "b"],
-            "mobile": [folder], "export": [tiny_hf, "--out", out / "e"]}[command]
+            "mobile": [folder], "export": [tiny_hf, "--out", out / "e"],
+            "federate": [folder, "--task", "sst2", "--data", tiny_data, "--clients", "2", "--rounds", "1",
+                         "--out", out / "f"]}[command]
     r = _ortzo(bare, command, *argv)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr == (f"ortzo: error: ortzo {command} needs the {extra!r} extra: pip install 'ortzo[{extra}]' "

@@ -1,0 +1,131 @@
+"""The server's side of a fleet: the global step log, merged round by round, in a run folder.
+
+A round sends every device the records it has not replayed yet, the slots it steps at and the
+round's lr; each device replays, reports the hash of its weights, probes, and sends its
+records back. The coordinator merges the round's records in the order of the devices (by
+their index, whatever order they arrived in), numbers them as the next steps of the global
+log and appends them to `steps.jsonl`, fsynced: the run folder is then an ordinary run
+(`ortzo eval DIR`, `ortzo bake DIR` replay it) and a restarted server resumes from it. Each
+record keeps the seed and lr its device used, so replaying the merged log is the arithmetic of
+the steps one after another, as a single device would have taken them from slightly older
+weights (each device probed at the round's start).
+
+`rounds.csv` has a row a round: the devices that answered, the bytes the messages took each
+way, the evaluation (every `eval_every` rounds and the last), and the one sha256 of the
+weights every device reported after replaying the round (the run stops if two differ).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..errors import OrtzoError
+from ..files import atomic_open
+from ..optim import steplog
+from ..optim.mezo import StepRecord, scheduled_lr
+from ..tasks.objective import evaluate as evaluate_examples
+from .replica import Replica
+
+ROUNDS = "rounds.csv"
+COLUMNS = ("round", "clients", "bytes_up", "bytes_down", "eval_accuracy", "weights_sha256", "eval_loss", "steps",
+           "seconds")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """How a run is spread: `clients` devices, `rounds` rounds of `per_round` MeZO steps on each,
+    shards IID or Dirichlet(`alpha`) by label, an evaluation every `eval_every` rounds."""
+
+    clients: int
+    rounds: int
+    per_round: int = 1
+    alpha: float | None = None
+    eval_every: int = 10
+
+    @property
+    def steps(self) -> int:
+        return self.clients * self.rounds * self.per_round
+
+    def slots(self, rnd: int, client: int) -> list[int]:
+        first = (rnd * self.clients + client) * self.per_round
+        return list(range(first, first + self.per_round))
+
+
+def encode(records: Sequence[StepRecord]) -> str:
+    """Records as compact JSON: what travels."""
+    return json.dumps([r.to_json() for r in records], separators=(",", ":"))
+
+
+def decode(text: str) -> list[StepRecord]:
+    try:
+        return [StepRecord.from_json(d) for d in json.loads(text)]
+    except (ValueError, TypeError, KeyError) as e:
+        raise OrtzoError(f"a corrupt step record on the wire: {type(e).__name__}: {e}") from None
+
+
+class Coordinator:
+    """The global log in the run folder `out` and the server's replica, which replays it,
+    evaluates, and is the reference every device's hash is checked against."""
+
+    def __init__(self, cfg: RunConfig, fleet: Fleet, out: Path, replica: Replica) -> None:
+        self.cfg, self.fleet, self.out, self.replica = cfg, fleet, out, replica
+        self.log = steplog.read(out / "steps.jsonl")
+        self.replica.catch_up(self.log.records)
+        self.rows = _read_rows(out / ROUNDS)
+        self.round = len(self.rows)  # a restarted server goes on after its last finished round
+        done = int(self.rows[-1]["steps"]) if self.rows else 0
+        if len(self.log) > done:  # it stopped between a round's records and the round's row
+            self.finish_round({"round": self.round + 1, "clients": (len(self.log) - done) // fleet.per_round,
+                               "weights_sha256": replica.sha256(), "steps": len(self.log)})
+
+    def lr(self, rnd: int) -> float:
+        done = rnd * self.fleet.clients * self.fleet.per_round
+        return scheduled_lr(self.cfg.lr, self.cfg.schedule, done, self.cfg.schedule_steps or self.fleet.steps)
+
+    def merge(self, probes: Mapping[int, Sequence[StepRecord]]) -> list[StepRecord]:
+        """The round's records in device order, numbered as the global log's next steps."""
+        at = len(self.log)
+        merged = [r for k in sorted(probes) for r in probes[k]]
+        return [replace(r, step=at + i) for i, r in enumerate(merged)]
+
+    def commit(self, records: Sequence[StepRecord], seconds: float) -> None:
+        """Append the merged records to the log (fsynced) and replay them here."""
+        with steplog.StepLog(self.out / "steps.jsonl") as out:
+            for r in records:
+                out.append_step(r, seconds / max(1, len(records)))
+                self.log.records.append(r)
+                self.log.seconds.append(seconds / max(1, len(records)))
+        self.replica.catch_up(records)
+
+    def evaluate(self, rnd: int) -> dict[str, float]:
+        """Accuracy and loss on the run's evaluation examples, on rounds that call for it."""
+        if (rnd + 1) % self.fleet.eval_every and rnd + 1 != self.fleet.rounds:
+            return {}
+        s = self.replica.setup
+        r = evaluate_examples(self.replica.engine.score, s.encoder, s.splits.eval, self.cfg.eval_batch_size,
+                              desc=f"eval after round {rnd + 1}")
+        return {"eval_accuracy": r["accuracy"], "eval_loss": r["loss"]}
+
+    def finish_round(self, row: dict[str, Any]) -> None:
+        """Write rounds.csv again with this round's row (atomically: a kill leaves the old file)."""
+        self.rows.append(row)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        with atomic_open(self.out / ROUNDS, "w") as f:
+            f.write(buffer.getvalue())
+        self.round += 1
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

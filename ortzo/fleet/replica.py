@@ -1,0 +1,74 @@
+"""One device's copy of the fleet's model: the run's ORT engine over its own training examples.
+
+Its weights are always the model's plus the global step log replayed, in order. A probe (a
+round's local MeZO steps) moves them, so the trained tensors are copied before and written
+back after, bit for bit: a device that probed and one that did not then replay the same
+records into the same bytes. The copy costs the trained tensors once (0.14 MiB for the default
+recipe's vectors; a full-parameter run doubles its weights, which is why fleets train vectors
+or LoRA).
+
+Step numbers are slots: round r's client k takes slots (r N + k) P ... (r N + k) P + P - 1 of
+N clients and P steps a round. A slot fixes the step's seed (as in a single-device run) and
+which of the device's own batches it uses (round r, local step j: its batch r P + j), so a
+replayed or repeated round draws the same directions on the same examples.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from ..config import RunConfig
+from ..engines import open_engine
+from ..errors import OrtzoError
+from ..optim.mezo import StepRecord
+from ..recipes.setup import Setup, prepare
+from ..tasks.task import load_task
+
+
+class Replica:
+    """`shard`: indices into the run's training examples this device holds (None: all, the
+    server's copy, which evaluates); `clients` and `per_round` map a slot to a local batch."""
+
+    def __init__(self, cfg: RunConfig, shard: Sequence[int] | None, clients: int, per_round: int) -> None:
+        if cfg.engine != "ort":
+            raise OrtzoError(f"a fleet trains with --engine ort (seeds and projected gradients on the wire), "
+                             f"not {cfg.engine}")
+        setup = prepare(cfg, load_task(cfg.task, cfg.template))
+        if shard is not None:
+            setup = replace(setup, splits=replace(setup.splits, train=[setup.splits.train[i] for i in shard]))
+        store = setup.load_store()
+        self.setup: Setup = setup.with_scales(store)
+        self.clients, self.per_round = clients, per_round
+        self.engine = open_engine(cfg, setup.model_dir, store, self.setup.trained(store), setup.target, self._batch,
+                                  None, self.setup.scales)
+        if self.engine.session.device is not None:
+            raise OrtzoError("a fleet's devices train on the host (a CUDA target is not supported yet)")
+        self.replayed = 0  # records of the global log these weights hold
+
+    def _batch(self, slot: int):
+        rounds, j = divmod(slot, self.clients * self.per_round)
+        return self.setup.train_batch(rounds * self.per_round + j % self.per_round)
+
+    def catch_up(self, records: Sequence[StepRecord]) -> None:
+        """Replay the global log's next records."""
+        self.engine.replay(records)
+        self.replayed += len(records)
+
+    def probe(self, slots: Sequence[int], lr: float) -> list[StepRecord]:
+        """MeZO steps at `slots` on this device's batches, the weights left as they were."""
+        kept = [b.copy() for b in self.engine.buffers]
+        try:
+            return [self.engine.step(slot, lr) for slot in slots]
+        finally:
+            for b, k in zip(self.engine.buffers, kept, strict=True):
+                np.copyto(b, k)
+
+    def sha256(self) -> str:
+        """Of the trained tensors, in order: equal on two devices iff they hold the same weights."""
+        h = hashlib.sha256()
+        for b in self.engine.buffers:
+            h.update(np.ascontiguousarray(b).data)
+        return h.hexdigest()

@@ -1,0 +1,146 @@
+"""Fleets on Flower's simulation engine: the shards, a device's probe, and a whole run whose
+devices all hold the same weights after every round, whose global log is an ordinary run that
+another process replays to the same scores, and whose messages stay within a few KB."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ortzo.cli import main
+from ortzo.config import RunConfig
+from ortzo.fleet.replica import Replica
+from ortzo.fleet.shards import shards
+from ortzo.model.manifest import Manifest
+from ortzo.recipes.bake import weights_at
+from ortzo.tasks.objective import loss
+
+CLIENTS, ROUNDS = 3, 3
+CONTRACT = ["round", "clients", "bytes_up", "bytes_down", "eval_accuracy", "weights_sha256"]
+
+
+def _cfg(tiny_model, tiny_data) -> RunConfig:
+    return RunConfig.build({"model": str(tiny_model), "task": "sst2", "data": str(tiny_data), "batch_size": 4,
+                            "lr": 5e-3, "train_examples": 48, "eval_examples": 16})
+
+
+def test_shards_are_disjoint_cover_everything_and_dirichlet_skews_the_labels():
+    labels = [i % 2 for i in range(400)]
+    iid = shards(labels, 8)
+    assert sorted(i for s in iid for i in s) == list(range(400)) and {len(s) for s in iid} == {50}
+    skewed = shards(labels, 8, alpha=0.1, seed=3)
+    assert sorted(i for s in skewed for i in s) == list(range(400)) and all(skewed)
+    assert skewed == shards(labels, 8, alpha=0.1, seed=3) and skewed != shards(labels, 8, alpha=0.1, seed=4)
+
+    def majority(parts):  # mean share of each shard's most common label
+        return np.mean([Counter(labels[i] for i in p).most_common(1)[0][1] / len(p) for p in parts])
+    assert majority(iid) < 0.65 < 0.9 < majority(skewed)
+
+
+def test_a_probe_is_spsa_at_the_shared_weights_and_leaves_them_bit_for_bit(tiny_model, tiny_data):
+    """A round's MeZO step on the device's own batch: its record's projected gradient is
+    (L(w + eps z) - L(w - eps z)) / 2 eps at the weights the device holds, which it holds
+    again afterwards, byte for byte; so the next round's probe starts from them too."""
+    cfg = _cfg(tiny_model, tiny_data)
+    replica = Replica(cfg, list(range(0, 48, 2)), CLIENTS, 1)
+    before = [b.copy() for b in replica.engine.buffers]
+    engine = replica.engine
+    for slot in (0, CLIENTS):  # device 0's slot in rounds 0 and 1
+        (record,) = replica.probe([slot], lr=0.5)
+        assert all(np.array_equal(a, b) for a, b in zip(before, engine.buffers))
+        batch = replica.setup.train_batch(slot // CLIENTS)  # its round's batch of its own examples
+        assert set(batch.labels.tolist()) <= {0, 1}
+        engine.directions.add(engine.buffers, record.seed, cfg.eps)  # w + eps z, then w + eps z - 2 eps z
+        plus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
+        engine.directions.add(engine.buffers, record.seed, -2 * cfg.eps)
+        minus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
+        for b, k in zip(engine.buffers, before):
+            np.copyto(b, k)
+        assert (record.loss_plus[0], record.loss_minus[0]) == (plus, minus)
+        assert record.grads[0] == pytest.approx((plus - minus) / (2 * cfg.eps), rel=1e-9)
+
+
+def _argv(tiny_model, tiny_data, out) -> list[str]:
+    return ["federate", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--clients", str(CLIENTS),
+            "--rounds", str(ROUNDS), "--alpha", "0.5", "--eval-every-rounds", "1", "--batch-size", "4",
+            "--lr", "5e-3", "--train-examples", "48", "--eval-examples", "16", "--out", str(out), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tiny_model, tiny_data, tmp_path_factory):
+    """A 3-device, 3-round fleet on the simulation engine: (its run folder, what it printed)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("fleet") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(_argv(tiny_model, tiny_data, out)) == 0
+    return out, json.loads(printed.getvalue())
+
+
+def _rows(out) -> list[dict]:
+    with (out / "rounds.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_run, tiny_model, capsys):
+    out, result = fleet_run
+    rows = _rows(out)
+    assert CONTRACT == list(rows[0])[:6] and [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert all(int(r["clients"]) == CLIENTS for r in rows)
+    per_device = [max(int(r["bytes_up"]), int(r["bytes_down"])) / CLIENTS for r in rows]
+    assert max(per_device[1:]) <= 4096 and per_device[0] <= 8192  # the first carries the run's settings
+    log = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(CLIENTS * ROUNDS))
+    # slot s (round s // N, device s % N) draws the seed a single-device run draws at step s
+    assert [r["seed"] for r in log] == [int(np.random.SeedSequence([0, s]).generate_state(1)[0])
+                                        for s in range(CLIENTS * ROUNDS)]
+    # every round's hash is that of the weights the log gives after it, computed here
+    manifest = Manifest.load(tiny_model)
+    vectors = [p.name for p in manifest.parameters if len(p.shape) == 1]
+    for r in rows:
+        _, store, _ = weights_at(out, int(r["steps"]))
+        h = hashlib.sha256()
+        for name in vectors:
+            h.update(store.arrays[name].tobytes())
+        assert r["weights_sha256"] == h.hexdigest()
+    assert len({r["weights_sha256"] for r in rows}) == ROUNDS and result["weights_sha256"] == rows[-1]["weights_sha256"]
+    # another process's replay of the run scores what the server scored
+    assert main(["eval", str(out), "--quiet"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert (scored["accuracy"], scored["loss"]) == (float(rows[-1]["eval_accuracy"]), float(rows[-1]["eval_loss"]))
+
+
+def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, tiny_data, tmp_path, capsys):
+    """Killed after appending the last round's records but before its row: --resume writes the
+    row from the log (no step twice, the same weights) and the devices confirm them."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(fleet_run[0], out)
+    rows = _rows(out)
+    with (out / "rounds.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:-1])
+    steps = (out / "steps.jsonl").read_bytes()
+    assert main(_argv(tiny_model, tiny_data, out) + ["--resume"]) == 0
+    again = _rows(out)
+    assert (out / "steps.jsonl").read_bytes() == steps and len(again) == ROUNDS
+    assert again[-1]["weights_sha256"] == rows[-1]["weights_sha256"] and again[-1]["steps"] == rows[-1]["steps"]
+    more = _argv(tiny_model, tiny_data, out) + ["--resume"]
+    more[more.index("--rounds") + 1] = "9"
+    assert main(more) == 2 and "other settings" in capsys.readouterr().err  # its settings are the run's
+
+
+def test_federate_sets_its_own_steps_and_refuses_them_in_one_line(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "fleet"
+    assert main(["federate", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--clients", "2",
+                 "--rounds", "1", "--steps", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps" in err and not out.exists()
