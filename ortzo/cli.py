@@ -121,7 +121,7 @@ def _finetune(a: argparse.Namespace) -> None:
 
 
 def _federate(a: argparse.Namespace) -> None:
-    from .fleet.coordinator import Fleet
+    from .fleet.plan import Fleet
     from .recipes.federate import federate
 
     given = config.given(a, RunConfig)

@@ -14,7 +14,7 @@ import pytest
 from ortzo.cli import main
 from ortzo.config import RunConfig
 from ortzo.fleet.replica import Replica
-from ortzo.fleet.shards import shards
+from ortzo.fleet.plan import Fleet, shards
 from ortzo.model.manifest import Manifest
 from ortzo.recipes.bake import weights_at
 from ortzo.tasks.objective import loss
@@ -46,7 +46,7 @@ def test_a_probe_is_spsa_at_the_shared_weights_and_leaves_them_bit_for_bit(tiny_
     (L(w + eps z) - L(w - eps z)) / 2 eps at the weights the device holds, which it holds
     again afterwards, byte for byte; so the next round's probe starts from them too."""
     cfg = _cfg(tiny_model, tiny_data)
-    replica = Replica(cfg, list(range(0, 48, 2)), CLIENTS, 1)
+    replica = Replica(cfg, Fleet(CLIENTS, ROUNDS), 0)
     before = [b.copy() for b in replica.engine.buffers]
     engine = replica.engine
     for slot in (0, CLIENTS):  # device 0's slot in rounds 0 and 1

@@ -3,5 +3,5 @@
 A MeZO step is its seed and projected gradient: a few bytes where federated averaging ships
 the weights. Devices probe from the same weights on their own data and send records; the
 server merges them into one global step log that every device replays (coordinator.py,
-replica.py), over Flower's messages (flower.py), with shards for simulations (shards.py).
+replica.py), over Flower's messages (flower.py), by a plan of slots and shards (plan.py).
 """

@@ -20,7 +20,7 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +30,12 @@ from ..files import atomic_open
 from ..optim import steplog
 from ..optim.mezo import StepRecord, scheduled_lr
 from ..tasks.objective import evaluate as evaluate_examples
+from .plan import Fleet
 from .replica import Replica
 
 ROUNDS = "rounds.csv"
 COLUMNS = ("round", "clients", "bytes_up", "bytes_down", "eval_accuracy", "weights_sha256", "eval_loss", "steps",
            "seconds")
-
-
-@dataclass(frozen=True)
-class Fleet:
-    """How a run is spread: `clients` devices, `rounds` rounds of `per_round` MeZO steps on each,
-    shards IID or Dirichlet(`alpha`) by label, an evaluation every `eval_every` rounds."""
-
-    clients: int
-    rounds: int
-    per_round: int = 1
-    alpha: float | None = None
-    eval_every: int = 10
-
-    @property
-    def steps(self) -> int:
-        return self.clients * self.rounds * self.per_round
-
-    def slots(self, rnd: int, client: int) -> list[int]:
-        first = (rnd * self.clients + client) * self.per_round
-        return list(range(first, first + self.per_round))
 
 
 def encode(records: Sequence[StepRecord]) -> str:

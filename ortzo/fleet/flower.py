@@ -28,9 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig
 from ..errors import OrtzoError
-from .coordinator import Coordinator, Fleet, decode, encode
+from .coordinator import Coordinator, decode, encode
+from .plan import Fleet
 from .replica import Replica
-from .shards import shards
 
 logger = logging.getLogger(__name__)
 KEY = "fleet"  # the one record of every message
@@ -64,20 +64,8 @@ def _device(msg: Message, context: Context) -> Replica | None:
     key = (msg.metadata.run_id, partition)
     if key not in _REPLICAS and "run" in c:
         s = json.loads(str(c["run"]))
-        cfg, fleet = RunConfig.build(s["cfg"]), Fleet(**s["fleet"])
-        labels = _labels(cfg)
-        _REPLICAS[key] = Replica(cfg, shards(labels, fleet.clients, fleet.alpha, cfg.seed)[partition], fleet.clients,
-                                 fleet.per_round)
+        _REPLICAS[key] = Replica(RunConfig.build(s["cfg"]), Fleet(**s["fleet"]), partition)
     return _REPLICAS.get(key)
-
-
-def _labels(cfg: RunConfig) -> list[Any]:
-    """The labels of the run's training examples, for the shards (the same on every device)."""
-    from ..recipes.setup import prepare
-    from ..tasks.task import load_task
-
-    setup = prepare(cfg, load_task(cfg.task, cfg.template))
-    return [e[setup.task.label_field] for e in setup.splits.train]
 
 
 def _reply(msg: Message, replica: Replica | None, probe: bool) -> Message:
@@ -114,10 +102,7 @@ def _serve(grid: Grid, co: Coordinator, run_spec: str, timeout: float | None, pr
         t = time.perf_counter()
         sent = [_message(co, rnd, k, node, position[node], run_spec, "train") for k, node in enumerate(nodes)]
         replies = list(grid.send_and_receive(sent, timeout=timeout))
-        probes: dict[int, list] = {}
-        answered = _answers(co, replies, nodes, position)
-        for k, c in answered.items():
-            probes[k] = decode(str(c["records"]))
+        probes = {k: decode(str(c["records"])) for k, c in _answers(co, replies, nodes, position).items()}
         merged = co.merge(probes)
         co.commit(merged, time.perf_counter() - t)
         scores = co.evaluate(rnd)

@@ -5,12 +5,7 @@ round's local MeZO steps) moves them, so the trained tensors are copied before a
 back after, bit for bit: a device that probed and one that did not then replay the same
 records into the same bytes. The copy costs the trained tensors once (0.14 MiB for the default
 recipe's vectors; a full-parameter run doubles its weights, which is why fleets train vectors
-or LoRA).
-
-Step numbers are slots: round r's client k takes slots (r N + k) P ... (r N + k) P + P - 1 of
-N clients and P steps a round. A slot fixes the step's seed (as in a single-device run) and
-which of the device's own batches it uses (round r, local step j: its batch r P + j), so a
-replayed or repeated round draws the same directions on the same examples.
+or LoRA). Which steps and examples are the device's is the fleet's plan (plan.py).
 """
 from __future__ import annotations
 
@@ -26,22 +21,25 @@ from ..errors import OrtzoError
 from ..optim.mezo import StepRecord
 from ..recipes.setup import Setup, prepare
 from ..tasks.task import load_task
+from .plan import Fleet, shards
 
 
 class Replica:
-    """`shard`: indices into the run's training examples this device holds (None: all, the
-    server's copy, which evaluates); `clients` and `per_round` map a slot to a local batch."""
+    """Device `device` of `fleet` (its shard of the run's training examples), or with None the
+    server's copy, which holds them all and evaluates."""
 
-    def __init__(self, cfg: RunConfig, shard: Sequence[int] | None, clients: int, per_round: int) -> None:
+    def __init__(self, cfg: RunConfig, fleet: Fleet, device: int | None) -> None:
         if cfg.engine != "ort":
             raise OrtzoError(f"a fleet trains with --engine ort (seeds and projected gradients on the wire), "
                              f"not {cfg.engine}")
         setup = prepare(cfg, load_task(cfg.task, cfg.template))
-        if shard is not None:
-            setup = replace(setup, splits=replace(setup.splits, train=[setup.splits.train[i] for i in shard]))
+        if device is not None:
+            train = setup.splits.train
+            shard = shards([e[setup.task.label_field] for e in train], fleet.clients, fleet.alpha, cfg.seed)[device]
+            setup = replace(setup, splits=replace(setup.splits, train=[train[i] for i in shard]))
         store = setup.load_store()
         self.setup: Setup = setup.with_scales(store)
-        self.clients, self.per_round = clients, per_round
+        self.fleet = fleet
         self.engine = open_engine(cfg, setup.model_dir, store, self.setup.trained(store), setup.target, self._batch,
                                   None, self.setup.scales)
         if self.engine.session.device is not None:
@@ -49,8 +47,7 @@ class Replica:
         self.replayed = 0  # records of the global log these weights hold
 
     def _batch(self, slot: int):
-        rounds, j = divmod(slot, self.clients * self.per_round)
-        return self.setup.train_batch(rounds * self.per_round + j % self.per_round)
+        return self.setup.train_batch(self.fleet.local_batch(slot))
 
     def catch_up(self, records: Sequence[StepRecord]) -> None:
         """Replay the global log's next records."""

@@ -20,7 +20,8 @@ from typing import Any
 from ..config import RECORDED, RunConfig
 from ..errors import OrtzoError
 from ..extras import require
-from ..fleet.coordinator import ROUNDS, Coordinator, Fleet
+from ..fleet.coordinator import ROUNDS, Coordinator
+from ..fleet.plan import Fleet
 from ..fleet.replica import Replica
 from ..output import progress, silenced
 from ..run.folder import RunFolder
@@ -46,7 +47,7 @@ def federate(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool = False
                 raise OrtzoError(f"{run.path} is a fleet run with other settings; resume it with its own")
         else:
             run.check_new()
-        server = Replica(cfg, None, fleet.clients, fleet.per_round)  # checks every input before a write
+        server = Replica(cfg, fleet, None)  # checks every input before a write
         if not resume:
             run.write_config(cfg.model_dump() | {RECORDED: server.setup.recorded() | {"fleet": asdict(fleet)}})
         co = Coordinator(cfg, fleet, run.path, server)

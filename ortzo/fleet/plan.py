@@ -1,4 +1,9 @@
-"""Which training examples each device of a simulated fleet holds.
+"""A fleet's plan: how many devices take which steps, and which training examples each holds.
+
+Step numbers are slots: round r's device k takes slots (r N + k) P ... (r N + k) P + P - 1 of N
+devices and P steps a round. A slot fixes the step's seed (as in a single-device run) and which
+of the device's own batches it uses, so a repeated round draws the same directions on the same
+examples, and a device that misses a round leaves no hole in anyone's arithmetic.
 
 A real fleet's devices hold their own data; a simulation deals one task's training examples
 out: IID (a seeded permutation cut into near-equal parts) or non-IID by label with a Dirichlet
@@ -9,10 +14,36 @@ same (labels, clients, alpha, seed), so the server never ships data, only this r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import OrtzoError
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """`clients` devices, `rounds` rounds of `per_round` MeZO steps on each, shards IID or
+    Dirichlet(`alpha`) by label, an evaluation every `eval_every` rounds."""
+
+    clients: int
+    rounds: int
+    per_round: int = 1
+    alpha: float | None = None
+    eval_every: int = 10
+
+    @property
+    def steps(self) -> int:
+        return self.clients * self.rounds * self.per_round
+
+    def slots(self, rnd: int, device: int) -> list[int]:
+        first = (rnd * self.clients + device) * self.per_round
+        return list(range(first, first + self.per_round))
+
+    def local_batch(self, slot: int) -> int:
+        """Which of its own batches a device steps on at `slot`: round r's j-th, r P + j."""
+        rnd, j = divmod(slot, self.clients * self.per_round)
+        return rnd * self.per_round + j % self.per_round
 
 
 def shards(labels: Sequence[object], clients: int, alpha: float | None = None, seed: int = 0) -> list[list[int]]:
