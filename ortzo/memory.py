@@ -21,7 +21,11 @@ dropout is off (no masks), RMSNorm upcasts to fp32 (Gemma's norms and Cohere's L
 compute in fp32 throughout), and GQA's k/v are repeated only when SDPA gets a mask. MeZO
 (Malladi et al. 2023) needs inference memory: the weights, one forward's transient activations
 and the head; its reference code adds one Gaussian z of the largest parameter at a time
-(torch-mezo), ortzo's directions a few 64k-element chunks (none).
+(torch-mezo), ortzo's directions a few 64k-element chunks (none). Under ONNX Runtime "one
+forward" is two allocations of it: the arena keeps the pages of the first run, which places
+each tensor on its own, and from the second run on holds one block laid out for all of them,
+the memory pattern (`ort_arena`); and a frozen base costs what the session keeps of its file,
+packed or mapped (`frozen_base_resident`), not the file's size.
 
 Notation: b batch, s sequence, t = b s tokens, h hidden, n heads, k kv heads, d head dim,
 I intermediate, V vocab, c bytes of the compute dtype (4 for fp32); sizes below are bytes.
@@ -349,6 +353,127 @@ def frozen_base_bytes(a: Arch, bits: int, block_size: int = 32, symmetric: bool 
     return terms
 
 
+def _frozen_shapes(a: Arch) -> tuple[list[tuple[int, ...]], ...]:
+    """A frozen base's 2-D tensors as ORT reads them: the Gathered tables [rows, width], the
+    head as MatMulNBits' B [K = e, N = V] (a tied one: the table's second layout), one layer's
+    matrices [in, out] (Cohere's norm matrices are no MatMul's), and the matrices outside the
+    layers (OPT's project_in/out)."""
+    inputs, outputs = outer_parameters(a)
+    project_in = [(a.embed_dim, a.hidden)] if a.proj_dim else []
+    tables = [s for s in inputs if len(s) == 2 and s not in project_in]
+    heads = [s[::-1] for s in outputs if s == (a.vocab, a.embed_dim)] or ([tables[0][::-1]] if a.tied else [])
+    layer = [s for s in layer_parameters(a) if len(s) == 2 and s not in _norm_matrices(a)]
+    outer = project_in + [s for s in outputs if len(s) == 2 and s != (a.vocab, a.embed_dim)]
+    return tables, heads, layer, outer
+
+
+def mlas_packing(bits: int, symmetric: bool, accuracy_level: int) -> str | None:
+    """How ONNX Runtime's MatMulNBits (CPU, onnxruntime 1.32, MLAS's x64 kernels) keeps a
+    constant B: "int8" (packed for int8 compute, accuracy level 4), "fp32" (packed for fp32
+    compute, 4 bits at levels 0-3) or None (not packed: B is dequantized on every call). Zero
+    points that are not uint8 disable packing, and ortzo stores int4's as floats (what a Q4_1
+    block needs), so an asymmetric int4 matrix is never packed; MLAS has no fp32-compute kernel
+    for 8 bits."""
+    if bits == 4 and not symmetric:
+        return None
+    if accuracy_level == 4:
+        return "int8"
+    return "fp32" if bits == 4 else None
+
+
+def packed_bytes(shape: tuple[int, int], bits: int, block_size: int, packing: str) -> int:
+    """MLAS's packed B for a [K, N] matrix: per column, K in blocks, `bits` a weight; packed for
+    int8 compute also an fp32 scale and an fp32 block sum a block (which the int8 kernel
+    folds the zero point into). Measured: the arena after session creation (SmolLM2's int8
+    matrices 126.6 MiB, its int4 symmetric ones 75.9 MiB at level 4 and 50.6 at level 0)."""
+    k, n = shape
+    blocks = n * -(-k // block_size)
+    return blocks * block_size * bits // 8 + (8 * blocks if packing == "int8" else 0)
+
+
+def frozen_base_resident(a: Arch, bits: int, block_size: int = 32, symmetric: bool = False, embedding: int = 8,
+                         lora_rank: int = 0, accuracy_level: int = 4) -> dict[str, int]:
+    """What ONNX Runtime holds of a frozen base at a step's peak, by kind: `frozen_base_bytes`
+    says what the folder stores, this what a session keeps resident of it.
+
+    ORT maps the external data file; a mapped initializer's pages count in RSS once read and
+    stay. Where MatMulNBits packs B (`mlas_packing`) it reads B at session creation into the
+    arena (`packed_bytes`) and the mapped original is released, but the kernel keeps reading
+    the mapped scales (4 bytes a block) and an 8-bit matrix's uint8 zero points (a byte a
+    block). A matrix it does not pack (int4 with float zero points; 8 bits below level 4)
+    stays mapped, all of it paged in by the first forward (SmolLM2's int4 base: RSS grew by
+    its 77 MiB of matrices at the first run, not at session creation).
+
+    tables: GatherBlockQuantized reads rows of the mapped table: its pages come in as ids
+      arrive, so a run holds up to all of it, counted whole with its scales (a random batch of
+      16 x 128 ids touched a quarter of SmolLM2's);
+    head: a tied head is MatMulNBits over the table's second layout (`embedding` bits,
+      symmetric; its scales are the table's), packed or mapped by the same rules, an untied
+      head likewise with its own scales; a table kept fp32 (`embedding` 0) is read by a Gemm
+      whose constant B ORT packs: a second 4 V e copy in the arena (measured: 108 MiB beside
+      SmolLM2's mapped 108 MiB table);
+    vectors and LoRA (x2), Cohere's norm matrices: as `frozen_base_bytes`.
+    """
+    stored = frozen_base_bytes(a, bits, block_size, symmetric, embedding, lora_rank)
+    tables, heads, layer, outer = _frozen_shapes(a)
+    matrices = layer * a.layers + outer
+    terms: Counter[str] = Counter()
+    packing = mlas_packing(bits, symmetric, accuracy_level)
+    for s in matrices:
+        if packing:
+            blocks = s[1] * -(-s[0] // block_size)
+            terms["packed matrices"] += packed_bytes(s, bits, block_size, packing)
+            terms["scales, zero points (mapped)"] += blocks * (4 + (1 if bits == 8 and not symmetric else 0))
+        else:
+            terms["quantized matrices (mapped)"] += quantized_bytes(s, bits, block_size, symmetric)
+    if embedding:
+        terms["embedding tables (mapped)"] = sum(quantized_bytes(s[::-1], embedding, block_size, True) for s in tables)
+        head_packing = mlas_packing(embedding, True, accuracy_level)
+        for s in heads:  # a tied head's scales are the table's
+            scales = 4 * s[1] * -(-s[0] // block_size)
+            terms["head"] += packed_bytes(s, embedding, block_size, head_packing) + (0 if a.tied else scales) \
+                if head_packing else quantized_bytes(s, embedding, block_size, True) - (scales if a.tied else 0)
+    else:
+        terms["embedding tables (mapped)"] = 4 * sum(_sizes(tables))
+        terms["head"] = 4 * sum(_sizes(heads))  # ORT's packed copy; an untied head's original is released
+    for kind in ("trained vectors (x2)", "LoRA (x2)", "norm matrices"):
+        if stored.get(kind):
+            terms[kind] = stored[kind]
+    return dict(terms)
+
+
+def frozen_base_scratch(a: Arch, batch: int, seq: int, bits: int, block_size: int = 32, symmetric: bool = False,
+                        embedding: int = 8, accuracy_level: int = 4) -> dict[str, int]:
+    """MatMulNBits' scratch beside a frozen base, by moment: what a call reserves outside the
+    arena (BFC's Reserve: allocated for the call and returned after, so it adds to the
+    arena's resident pages at its moment only).
+
+    forward: a matrix without packed B is dequantized into an fp32 K x N buffer on every call;
+      with B packed for int8 compute, A is quantized per call (t K bytes and an fp32 scale
+      and block sum a block): the largest of the layers' (SmolLM2's int4 MLP matrices: 3.4
+      MiB, and peak RSS stood 3.2 MiB above RSS after the run);
+    head: the same for the head's call, on b rows (SmolLM2's 8-bit head at level 0: 4 V e,
+      and peak RSS stood 108 MiB above RSS after the run).
+    Session creation, while it packs a B, holds that B's mapped original beside the packed
+    copies (24.5 MiB above what creation leaves, for SmolLM2's int8 head); where the largest
+    B is the head, as usual, that is less than the table's pages the step holds beside its
+    activations, so it is not counted.
+    """
+    _, heads, layer, outer = _frozen_shapes(a)
+    matrices = layer + outer
+
+    def call(s: tuple[int, ...], rows: int, packing: str | None) -> int:
+        k, n = s
+        if packing == "int8":
+            return rows * -(-k // block_size) * (block_size + 8)
+        return 0 if packing else 4 * k * n
+
+    packing = mlas_packing(bits, symmetric, accuracy_level)
+    head_packing = mlas_packing(embedding, True, accuracy_level) if embedding else "fp32"
+    return {"forward": max(call(s, batch * seq, packing) for s in matrices),
+            "head": max([call(s, batch, head_packing) for s in heads], default=0)}
+
+
 # --------------------------------------------------------------------- activations for backward
 
 def _rms(rows: int, width: int, c: int) -> int:
@@ -512,12 +637,13 @@ def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: 
     concatenations SDPA gets (the slices of the dims RoPE passes hold them), and so do the
     rotated dims, v, the repeated k and v, SDPA's head-major output and, once SDPA has freed
     its float mask, the output's copy for `dense`: c t (2 (n + k) d + k d + (n + k) r + n d)
-    + 2 c t n d repeated + the larger of c t n d and c b s^2. ONNX Runtime frees by its plan
-    (2 c t h held) but
-    materialises the attention scores and probabilities, 2 c b n s^2. The ORT figure is an
-    estimate: peak RSS matched it on Gemma 3 270M (16 x 128) but grew up to 2.7x faster on a
-    hidden-256 Llama export (b s^2 and per-token terms of ORT's own plan).
+    + 2 c t n d repeated + the larger of c t n d and c b s^2.
+
+    ONNX Runtime (`ort`): the first run's arena pages plus the memory pattern's block, what
+    `ort_arena` counts for the layers (the scoring head is `estimate`'s).
     """
+    if ort:
+        return sum(ort_arena(a, batch, seq, c))
     t = batch * seq
     h, nd, kd = a.hidden, a.inner, a.kv_heads * a.head_dim
     mask = any(masked(a, layer, seq, padded) for layer in range(a.layers))
@@ -525,8 +651,6 @@ def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: 
     mlp = c * t * a.intermediate * {"phi3": 4, "gpt2": 4}.get(
         a.family, 3 if a.family in _GATED else 4 if a.act == "gelu_new" else 2)
     attention = 2 * c * t * nd + repeat + (c * batch * seq * seq if mask else 0)
-    if ort:
-        return 2 * c * t * h + max(mlp, attention + 2 * c * batch * a.heads * seq * seq)
     held = (6 if a.family == "gpt2" else 4) * c * t * h
     if a.family == "phi":  # written relative to the 4 c t h held: one fewer
         attention = c * t * (2 * (nd + kd) + kd + (a.heads + a.kv_heads) * a.rotary_dims + nd) - c * t * h + \
@@ -534,6 +658,81 @@ def forward_transient(a: Arch, batch: int, seq: int, c: int, padded: bool, ort: 
             max(c * batch * seq * seq if mask else 0, c * t * nd)
     return held + max(mlp, attention) + outer_activations(a, batch, seq, c, padded)["rotary tables"] + (
         batch * seq * seq if mask else 0)
+
+
+_PARALLEL = ("phi", "cohere")  # the attention's output waits beside the MLP (and GPT-NeoX's parallel residual)
+
+
+def ort_phases(a: Arch, batch: int, seq: int, c: int) -> dict[str, tuple[int, int]]:
+    """ONNX Runtime's forward (the CPU provider as targets/cpu.toml sets it up: ORT_ENABLE_ALL,
+    the BFC arena, the memory pattern) at its two candidate peaks, as (planned, scratch) bytes:
+    planned are the tensors of ORT's allocation plan alive at once, scratch what a kernel
+    allocates from the arena for itself meanwhile.
+
+    Counted on the optimized graphs of Optimum's SDPA exports (SmolLM2-135M, a tiny Llama and
+    a tiny Gemma 3: `SessionOptions.optimized_model_filepath`), against ORT's profiler, which
+    records the arena's requested bytes after each node (SmolLM2 at 16 x 128: 41.75 MiB at
+    the peak, counted 41.75). The planner frees each tensor after its last reader, but the
+    export decomposes attention: the scores q k^T (FusedMatMul), the float mask added, Softmax,
+    and a NaN guard Where(IsNaN(p), 0, p), each [b, n, s, s]; GQA's k and v are expanded to n
+    heads, and v is projected only after the softmax. The graph is the same for full rows and
+    padded ones: it computes the mask and the expansion either way.
+
+    attention, at the guard: the layer's input and its normed input (2 c t h, v still to be
+      projected from it), the softmax's output, its NaN mask and the guard's output
+      ((2c + 1) b n s^2: the scores and the float mask are freed by then), the batch's
+      boolean mask (b s^2 bytes; Gemma 3's sliding and full layers have one each, OPT one
+      float mask, c b s^2) and the rotary tables (cos and sin, 2 c t r bytes a table, made
+      once for all layers).
+      Scratch: Where's CPU kernel makes both of its selections as full-size tensors before it
+      merges them, 2 c b n s^2 (the profiler's in-use peak jumps by that inside the node).
+    mlp: the residual (c t h; Phi's and Cohere's attention output waits beside it, c t h more)
+      and, gated, act(gate), up and their product (3 c t I: the gate dies into its
+      activation, ORT's fused QuickGelu for SiLU, the normed input after up); 4 c t I where
+      ORT leaves the activation composed (Gemma's tanh GELU: up, gate and two steps of the
+      chain) or splits a fused gate_up (Phi-3); ungated, fc1's output and its activation's
+      (2 c t I); plus the masks and rotary tables.
+    """
+    t = batch * seq
+    h, n, s = a.hidden, a.heads, seq
+    kinds = 2 if len(set(a.sliding)) == 2 else 1
+    masks = c * batch * s * s if a.family in _FLOAT_MASK else kinds * batch * s * s
+    rotary = outer_activations(a, batch, seq, c, False)["rotary tables"]
+    scores = batch * n * s * s
+    attention = 2 * c * t * h + (2 * c + 1) * scores + masks + rotary
+    if a.family in _GATED:
+        wide = 4 if a.family == "phi3" or a.act == "gelu_pytorch_tanh" else 3
+    else:
+        wide = 2
+    mlp = (2 if a.family in _PARALLEL or (a.family == "gpt_neox" and a.parallel_residual) else 1) * c * t * h + \
+        wide * c * t * a.intermediate + masks + rotary
+    return {"attention": (attention, 2 * c * scores), "mlp": (mlp, 0)}
+
+
+def ort_arena(a: Arch, batch: int, seq: int, c: int, head: int = 0) -> tuple[int, int]:
+    """(first run, memory pattern): the bytes of the arena ONNX Runtime's forwards leave
+    resident, the layers' `ort_phases` and the scoring head's `head` planned bytes.
+
+    The first run allocates each planned tensor from the BFC arena on its own; the arena
+    never returns a page it has touched, so its footprint is the larger phase's planned
+    tensors plus that phase's scratch. From the second run on (enable_mem_pattern) ORT
+    allocates one block for all planned tensors, its offsets traced in the first run (the
+    planned peak), while the first run's chunks sit free in the arena: 75-107 % of that block
+    landed on pages the first run had not touched (SmolLM2, 4 x 32 to 64 x 64), so both
+    count. Hence the per-token slope of peak RSS, about twice the planned tensors' (SmolLM2
+    at 16 x 128: 52 kB a token, 21 kB planned at the MLP's peak, 24 kB at the guard with its
+    scratch).
+
+    Not counted: BFC splits a free chunk only when it is at least twice the request, it
+    places a run's chunks at different addresses over time, and the pattern's best-fit
+    offsets leave holes between tensors of different widths. Where the MLP's c t h and c t I
+    tensors set the peak (SmolLM2, Gemma 3 270M) the pages touched were 1.16-1.43x this count
+    (2-4 % of those processes at 16 x 128); on a tiny Llama, whose s^2 blocks of equal size
+    set it, 0.94-1.07x.
+    """
+    phases = ort_phases(a, batch, seq, c)
+    pattern = max([planned for planned, _ in phases.values()] + [head])
+    return max([planned + scratch for planned, scratch in phases.values()] + [head]), pattern
 
 
 # --------------------------------------------------------------------------------- estimates
@@ -556,13 +755,15 @@ class Estimate:
 def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: str = "ort-mezo",
              optimizer: str = "adamw", checkpoint_fraction: float = 0.0, dtype: str = "float32",
              padded: bool = True, base: str = "none", block_size: int = 32, lora_rank: int = 0,
-             symmetric: bool = False, embedding: int = 8) -> Estimate:
+             symmetric: bool = False, embedding: int = 8, accuracy_level: int = 4) -> Estimate:
     """The memory of one training step of `model` (an Arch or an HF config dict). Every method
     holds its runtime, the tokenizer (`TOKENIZER` bytes a vocabulary entry) and the weights; then
 
-    ort-mezo: fp32 masters for an fp16 store (4 bytes a parameter) + the larger of one ONNX
-      Runtime forward's transient and the head (logits and log-probs, 2 x 4 b V), which runs
-      once the layers' intermediates are freed.
+    ort-mezo: fp32 masters for an fp16 store (4 bytes a parameter) + ONNX Runtime's arena
+      (`ort_arena`): the memory pattern's block, held through every run from the second on,
+      and the first run's pages at the larger of the layers' peak (`ort_phases`) and the
+      head's (logits and log-probs, 2 x 4 b V, once the layers' tensors are freed); over a
+      frozen base also MatMulNBits' per-call scratch at that moment (`frozen_base_scratch`).
     torch-mezo: the largest of the forward transient, the head, and the reference update's
       temporaries (z and lr g z: 2 c x the largest tensor).
     bp: the optimizer state (AdamW 2, momentum 1, SGD 0 copies of the weights) + the largest of
@@ -581,8 +782,9 @@ def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: s
     for full rows, where transformers drops the mask and GQA skips the k/v copies.
 
     `base` int4 or int8 (ort-mezo only): a frozen base (`ortzo export --quantize`), whose weights
-    are `frozen_base_bytes` (`block_size`, `symmetric`, `embedding` bits as export takes them;
-    `lora_rank` > 0: with LoRA on q and v).
+    are what ORT keeps resident of it, `frozen_base_resident` (`block_size`, `symmetric`,
+    `embedding` bits and `accuracy_level` as export takes them; `lora_rank` > 0: with LoRA on
+    q and v).
 
     `total` is the allocator's peak (live bytes). glibc's heap keeps freed chunks, so a
     process's peak RSS can exceed it (bp: by 30-130 % where activations dominate); with
@@ -606,15 +808,24 @@ def estimate(model: Arch | Mapping[str, Any], batch: int, seq: int, *, method: s
     c = DTYPES[dtype]
     params = parameter_count(a)
     held = {"runtime": RUNTIME[method], "tokenizer": TOKENIZER * a.vocab, "weights": c * params}
+    bits = int(base.removeprefix("int")) if base != "none" else 0
     if base != "none":
         del held["weights"]
-        held |= frozen_base_bytes(a, int(base.removeprefix("int")), block_size, symmetric, embedding, lora_rank)
+        held |= frozen_base_resident(a, bits, block_size, symmetric, embedding, lora_rank, accuracy_level)
     if method == "bp":
         return _backprop(a, batch, seq, c, optimizer, checkpoint_fraction, padded, params, held)
     if method == "ort-mezo" and c == 2:
         held["fp32 masters"] = 4 * (vector_count(a) if base != "none" else params)
-    moments = {"forward transient": forward_transient(a, batch, seq, c, padded, ort=method == "ort-mezo"),
-               "scoring head": 2 * 4 * batch * a.vocab}
+    head = 2 * 4 * batch * a.vocab
+    if method == "ort-mezo":
+        _, pattern = ort_arena(a, batch, seq, c, head)
+        first = max(planned + scratch for planned, scratch in ort_phases(a, batch, seq, c).values())
+        calls = frozen_base_scratch(a, batch, seq, bits, block_size, symmetric, embedding, accuracy_level) \
+            if base != "none" else {"forward": 0, "head": 0}
+        moments = {"forward transient": first + pattern + calls["forward"],
+                   "scoring head": head + pattern + calls["head"]}
+    else:
+        moments = {"forward transient": forward_transient(a, batch, seq, c, padded, ort=False), "scoring head": head}
     if method == "torch-mezo":
         moments["perturbation temporaries"] = 2 * c * largest_parameter(a)
     worst = max(moments, key=moments.get)

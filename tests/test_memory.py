@@ -301,9 +301,157 @@ def test_a_frozen_base_costs_its_quantized_bytes_by_hand():
     assert terms["trained vectors (x2)"] == 2 * 4 * (61 * h)
     lora = memory.frozen_base_bytes(a, 4, 32, lora_rank=8)["LoRA (x2)"]
     assert lora == 2 * 4 * 30 * 8 * ((h + h) + (h + kv))  # q: 576 -> 576, v: 576 -> 192
+    # what ORT holds of it at a step (test_a_frozen_base_holds_what_ort_keeps_by_hand), not the file
     e = memory.estimate(memory.alias_config("smollm2-135m"), 16, 96, base="int4", padded=False)
     plain = memory.estimate(memory.alias_config("smollm2-135m"), 16, 96, padded=False)
-    assert e.total - plain.total == sum(terms.values()) - 4 * memory.parameter_count(a)
+    resident = memory.frozen_base_resident(a, 4, 32)
+    assert e.total - plain.total == sum(resident.values()) - 4 * memory.parameter_count(a) + 4 * h * i
+
+
+def test_ort_forward_is_its_first_run_and_its_memory_pattern_by_hand():
+    """SmolLM2-135M at 16 x 128, fp32, worked by hand: t = 2048 tokens, h 576, I 1536, 9
+    heads of 64. At the attention's NaN guard ORT's plan holds the layer's input and normed
+    input, the softmax, its NaN mask and the guard's output, the batch's boolean mask and the
+    rotary tables; Where adds its two selections as scratch. In the MLP: the residual and
+    act, up and their product. The first run's arena peaks at the guard (planned + scratch),
+    the memory pattern is the MLP's planned tensors, and both stay resident."""
+    config = memory.alias_config("smollm2-135m")
+    a = memory.Arch.from_config(config)
+    b, s, t, c = 16, 128, 16 * 128, 4
+    scores, rotary, mask = b * 9 * s * s, 2 * c * t * 64, b * s * s
+    attention = 2 * c * t * 576 + (2 * c + 1) * scores + mask + rotary
+    mlp = c * t * 576 + 3 * c * t * 1536 + mask + rotary
+    assert memory.ort_phases(a, b, s, c) == {"attention": (attention, 2 * c * scores), "mlp": (mlp, 0)}
+    assert attention < mlp < attention + 2 * c * scores
+    first, pattern = attention + 2 * c * scores, mlp
+    assert memory.ort_arena(a, b, s, c) == (first, pattern)
+    assert memory.forward_transient(a, b, s, c, padded=True, ort=True) == first + pattern
+    for padded in (True, False):  # the graph computes the mask and GQA's expansion either way
+        e = memory.estimate(config, b, s, padded=padded)
+        assert e.terms["forward transient"] == first + pattern and e.phase == "forward"
+        assert e.terms["scoring head"] == 2 * 4 * b * 49152 + pattern
+        assert e.total == memory.RUNTIME["ort-mezo"] + memory.TOKENIZER * 49152 + 4 * e.params + first + pattern
+    assert (first + pattern) / 2**20 == 90.25  # peak RSS grew by 104.9 MiB: the allocator's placement (ort_arena)
+
+
+def test_ort_head_and_activations_by_family():
+    """Gemma 3 270M at 4 x 32: its head's logits and log-probs (2 x 4 b V over 262,144 ids) are
+    more than a layer's tensors, so the memory pattern is the head's; its tanh GELU, composed,
+    holds four I-wide tensors (ORT fuses SiLU, not it), and its sliding and full layers each
+    have a boolean mask. Phi-3 splits its fused gate_up (four), Phi and Cohere hold the
+    attention's output beside the MLP, GPT-2's MLP two."""
+    config = memory.alias_config("gemma3-270m")
+    a = memory.Arch.from_config(config)
+    b, s, t, c = 4, 32, 128, 4
+    planned, _ = memory.ort_phases(a, b, s, c)["mlp"]
+    assert planned == c * t * 640 + 4 * c * t * 2048 + 2 * b * s * s + 2 * 2 * c * t * 256
+    head = 2 * 4 * b * 262144
+    e = memory.estimate(config, b, s, padded=False)
+    first = max(p + x for p, x in memory.ort_phases(a, b, s, c).values())
+    assert head > first and memory.ort_arena(a, b, s, c, head) == (head, head)
+    assert e.phase == "head" and e.terms["scoring head"] == 2 * head and e.terms["forward transient"] == first + head
+    for name, wide, held in (("phi3", 4, 1), ("phi", 2, 2), ("cohere", 3, 2), ("gpt2", 2, 1), ("opt", 2, 1),
+                             ("llama", 3, 1)):
+        family, kw = TINY[name]
+        x = memory.Arch.from_config({"model_type": family} | kw)
+        rotary = memory.outer_activations(x, 2, 8, 4, False)["rotary tables"]
+        masks = 4 * 2 * 64 if family == "opt" else 2 * 64  # OPT's one float mask
+        mlp = held * 4 * 16 * x.hidden + wide * 4 * 16 * x.intermediate + masks + rotary
+        assert memory.ort_phases(x, 2, 8, 4)["mlp"][0] == mlp, name
+
+
+def test_a_frozen_base_holds_what_ort_keeps_by_hand():
+    """SmolLM2-135M's bases as ORT 1.32 keeps them (measured: the arena after session
+    creation and the mapped file's resident pages, see frozen_base_resident). Matrices
+    (106.2M weights in blocks of 32): int4 with float zero points is never packed, so its
+    stored bytes stay mapped; int8 is packed at level 4 (a byte a weight, an fp32 scale and
+    block sum a block) and keeps its mapped scales and zero points; int4 symmetric packs to
+    half a byte and 8 bytes a block (level 4) or half a byte alone (level 0); 8 bits below
+    level 4 are not packed, and each call dequantizes B into fp32. The tied 49152 x 576 table
+    stays mapped with its scales; the head is its second layout, packed like an int8 matrix
+    (or, below level 4, mapped: its scales are the table's); kept fp32 the table is read by a
+    Gemm whose packed B is a second copy."""
+    a = memory.Arch.from_config(memory.alias_config("smollm2-135m"))
+    h, i, kv, v = 576, 1536, 192, 49152
+    m = 30 * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    table, vectors = v * h, 2 * 4 * 61 * h
+    mapped_table = table + table // 32 * 4
+    head_packed = table + table // 32 * 8
+    assert memory.frozen_base_resident(a, 4, 32) == {
+        "quantized matrices (mapped)": m // 2 + m // 32 * 8, "embedding tables (mapped)": mapped_table,
+        "head": head_packed, "trained vectors (x2)": vectors}
+    assert memory.frozen_base_resident(a, 8, 32) == {
+        "packed matrices": m + m // 32 * 8, "scales, zero points (mapped)": m // 32 * 5,
+        "embedding tables (mapped)": mapped_table, "head": head_packed, "trained vectors (x2)": vectors}
+    sym = memory.frozen_base_resident(a, 4, 32, symmetric=True)
+    assert (sym["packed matrices"], sym["scales, zero points (mapped)"]) == (m // 2 + m // 32 * 8, m // 32 * 4)
+    sym0 = memory.frozen_base_resident(a, 4, 32, symmetric=True, accuracy_level=0)
+    assert (sym0["packed matrices"], sym0["head"]) == (m // 2, table)
+    level0 = memory.frozen_base_resident(a, 8, 32, accuracy_level=0)
+    assert (level0["quantized matrices (mapped)"], level0["head"]) == (m + m // 32 * 5, table)
+    assert memory.frozen_base_scratch(a, 16, 128, 8, accuracy_level=0) == {"forward": 4 * h * i, "head": 4 * table}
+    assert memory.frozen_base_scratch(a, 16, 128, 4) == {"forward": 4 * h * i, "head": 16 * (h // 32) * 40}
+    assert memory.frozen_base_scratch(a, 16, 128, 8)["forward"] == 2048 * (i // 32) * 40  # down_proj's A, quantized
+    stored = memory.frozen_base_resident(a, 4, 32, embedding=0)
+    assert (stored["embedding tables (mapped)"], stored["head"]) == (4 * table, 4 * table)
+    e = memory.estimate(memory.alias_config("smollm2-135m"), 16, 128, base="int8", padded=False)
+    first, pattern = memory.ort_arena(a, 16, 128, 4, 2 * 4 * 16 * v)
+    held = memory.RUNTIME["ort-mezo"] + memory.TOKENIZER * v + sum(memory.frozen_base_resident(a, 8).values())
+    assert e.total == held + first + pattern + 2048 * (i // 32) * 40
+
+
+def test_ort_arena_follows_the_profiler(tiny_model, tmp_path):
+    """ONNX Runtime's own bookkeeping of its arena (the profiler's per-node memory stats, no
+    timing) on the tiny Llama at 16 x 128: the first run's requested bytes peak at the planned
+    tensors `ort_phases` counts (measured +1 %), its in-use peak adds Where's scratch (+4 %),
+    and the second run holds the memory pattern's block from its start: the planned peak and
+    the holes of its best-fit offsets (+10 %)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from ortzo.model.manifest import Manifest
+    from ortzo.model.session import ScoringSession
+    from ortzo.model.targets import load_target
+    from ortzo.model.weights import WeightStore
+
+    target = load_target("cpu")
+    options = target.session_options
+
+    class Profiled:
+        def __getattr__(self, name):
+            return getattr(target, name)
+
+        def session_options(self):
+            so = options()
+            so.enable_profiling = True
+            so.profile_file_prefix = str(tmp_path / "arena")
+            return so
+
+    store = WeightStore.load(tiny_model, Manifest.load(tiny_model))
+    session = ScoringSession(tiny_model, store, Profiled())
+    b, s = 16, 128
+    ids = np.random.default_rng(0).integers(10, 512, (b, s))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(s), (b, 1)),
+             "score_index": np.arange(b) * s + s - 1, "score_ids": np.tile([11, 12], (b, 1))}
+    session(feeds)
+    session(feeds)
+    events = json.loads(Path(session.session.end_profiling()).read_text())
+    nodes = [e["args"] for e in events if e.get("cat") == "Node"]
+    if not nodes or "mem_bytes_requested_in_use" not in nodes[0]:
+        pytest.skip("this onnxruntime's profiler records no arena statistics")
+    first_run, second_run = nodes[:len(nodes) // 2], nodes[len(nodes) // 2:]  # the same nodes twice
+    requested = max(int(n["mem_bytes_requested_in_use"]) for n in first_run)
+    peak = max(int(n["mem_in_use_peak"]) for n in first_run)
+    block = int(second_run[0]["mem_bytes_requested_in_use"]) - int(second_run[0]["mem_requested_in_use_delta"])
+    a = memory.Arch.from_config(json.loads((tiny_model / "hf_config.json").read_text()))
+    phases = memory.ort_phases(a, b, s, 4)
+    planned = max(p for p, _ in phases.values())
+    first, pattern = memory.ort_arena(a, b, s, 4)
+    assert requested == pytest.approx(planned, rel=0.05)
+    assert peak == pytest.approx(first, rel=0.1)
+    assert pattern <= block <= 1.25 * pattern
 
 
 def _allocation_peak(fn) -> int:

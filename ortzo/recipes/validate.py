@@ -75,7 +75,7 @@ def frozen_base(m: Manifest) -> dict[str, Any]:
         raise OrtzoError("the memory model covers int4 and int8 frozen bases, not a LoRA-only one")
     embedding = b.get("embedding", "int8")
     # --widths source keeps a GGUF's wider matrices at int8: priced as int8 throughout, an upper
-    # bound (Gemma 3 270M's such base: 443 MiB written, 454 priced)
+    # bound (Gemma 3 270M's such base: 443 MiB written, 454 priced as stored)
     return {"base": "int8" if b.get("widths") == "source" else b["quantize"], "block_size": b["block_size"], "symmetric": b["symmetric"],
             "embedding": 0 if embedding == "stored" else int(embedding.removeprefix("int")),
-            "lora_rank": (b.get("lora") or {}).get("r", 0)}
+            "lora_rank": (b.get("lora") or {}).get("r", 0), "accuracy_level": b.get("accuracy_level", 4)}
