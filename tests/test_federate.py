@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -77,9 +78,11 @@ def fleet_run(tiny_model, tiny_data, tmp_path_factory):
     import io
 
     out = tmp_path_factory.mktemp("fleet") / "run"
-    printed = io.StringIO()
+    printed, environment = io.StringIO(), dict(os.environ)
     with contextlib.redirect_stdout(printed):
         assert main(_argv(tiny_model, tiny_data, out)) == 0
+    # Ray sets PYTHONPATH and more for its workers: a later subprocess of the host must not inherit them
+    assert dict(os.environ) == environment
     return out, json.loads(printed.getvalue())
 
 

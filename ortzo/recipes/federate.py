@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,12 @@ def federate(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool = False
              round_timeout: float | None = None) -> dict[str, Any]:
     """Run (or with `resume`, continue) the fleet's rounds into the run folder `out`."""
     require("fleet", "ortzo federate")  # before anything is written
+    with _environment_kept():  # from the imports on: Flower and Ray set variables as they load
+        return _federate(cfg, fleet, out, resume, round_timeout)
+
+
+def _federate(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool, round_timeout: float | None
+              ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from ..fleet.flower import client_app, server_app, spec
@@ -71,3 +79,17 @@ def federate(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool = False
         accuracy = last.get("eval_accuracy")  # a number, or text when the row was read back from rounds.csv
         return {"rounds": co.round, "steps": len(co.log), "eval_accuracy": float(accuracy) if accuracy else None,
                 "weights_sha256": last["weights_sha256"]}
+
+
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Ray and Flower set PYTHONPATH (to this process's whole sys.path), PYTHONBREAKPOINT and
+    their own variables in the process's environment for their workers: put it back after, so
+    the host's later child processes (another virtual environment's Python, say) get the
+    environment they had."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
