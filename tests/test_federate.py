@@ -93,6 +93,8 @@ def _rows(out) -> list[dict]:
 
 def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_run, tiny_model, capsys):
     out, result = fleet_run
+    recorded = json.loads((out / "config.json").read_text())["recorded"]["fleet"]
+    assert recorded == {"clients": CLIENTS, "rounds": ROUNDS, "per_round": 1, "alpha": 0.5, "eval_every": 1}
     rows = _rows(out)
     assert CONTRACT == list(rows[0])[:6] and [int(r["round"]) for r in rows] == [1, 2, 3]
     assert all(int(r["clients"]) == CLIENTS for r in rows)
@@ -139,6 +141,20 @@ def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, t
     more = _argv(tiny_model, tiny_data, out) + ["--resume"]
     more[more.index("--rounds") + 1] = "9"
     assert main(more) == 2 and "other settings" in capsys.readouterr().err  # its settings are the run's
+
+
+def test_a_corrupt_rounds_file_is_one_line_and_nothing_is_written(fleet_run, tiny_model, tiny_data, tmp_path,
+                                                                   capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(fleet_run[0], out)
+    (out / "rounds.csv").write_text("round,steps\n1,three\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(_argv(tiny_model, tiny_data, out) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt" in err and "rounds.csv" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_federate_sets_its_own_steps_and_refuses_them_in_one_line(tiny_model, tiny_data, tmp_path, capsys):

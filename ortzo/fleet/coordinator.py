@@ -60,7 +60,7 @@ class Coordinator:
         self.replica.catch_up(self.log.records)
         self.rows = _read_rows(out / ROUNDS)
         self.round = len(self.rows)  # a restarted server goes on after its last finished round
-        done = int(self.rows[-1]["steps"]) if self.rows else 0
+        done = self.rows[-1]["steps"] if self.rows else 0
         if len(self.log) > done:  # it stopped between a round's records and the round's row
             self.finish_round({"round": self.round + 1, "clients": (len(self.log) - done) // fleet.per_round,
                                "weights_sha256": replica.sha256(), "steps": len(self.log)})
@@ -106,7 +106,16 @@ class Coordinator:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The finished rounds' rows, each with its `steps` a number; a file that is not ours is one line."""
     if not path.is_file():
         return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for n, row in enumerate(rows, 1):
+            if int(row["round"]) != n:
+                raise ValueError(f"round {row['round']} where round {n} was expected")
+            row["steps"] = int(row["steps"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise OrtzoError(f"corrupt {path}: {type(e).__name__}: {e}") from None
+    return rows

@@ -51,7 +51,7 @@ def _federate(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool, round
         if resume:
             saved = run.read_config()
             recorded = saved.pop(RECORDED)
-            if Fleet(**recorded.get("fleet", {})) != fleet or RunConfig.from_saved(saved) != cfg:
+            if recorded.get("fleet") != asdict(fleet) or RunConfig.from_saved(saved, f"{run.config}: ") != cfg:
                 raise OrtzoError(f"{run.path} is a fleet run with other settings; resume it with its own")
         else:
             run.check_new()
