@@ -98,19 +98,22 @@ def _serve(grid: Grid, co: Coordinator, run_spec: str, timeout: float | None, pr
     fleet = co.fleet
     nodes = _wait_for(grid, fleet.clients)
     position: dict[int, int | None] = dict.fromkeys(nodes)  # None: not yet sent the run spec
+    sha = co.replica.sha256()  # of the global weights: once a round (a full-parameter run hashes all its weights)
     for rnd in range(co.round, fleet.rounds):
         t = time.perf_counter()
-        sent = [_message(co, rnd, k, node, position[node], run_spec, "train") for k, node in enumerate(nodes)]
+        sent = [_message(co, rnd, k, node, position[node], sha, run_spec, "train") for k, node in enumerate(nodes)]
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         probes = {k: decode(str(c["records"])) for k, c in _answers(co, replies, nodes, position).items()}
         merged = co.merge(probes)
         co.commit(merged, time.perf_counter() - t)
+        sha = co.replica.sha256()
         scores = co.evaluate(rnd)
         co.finish_round({"round": rnd + 1, "clients": len(probes), "bytes_down": _bytes(sent),
-                         "bytes_up": _bytes(replies), "weights_sha256": co.replica.sha256(), "steps": len(co.log),
+                         "bytes_up": _bytes(replies), "weights_sha256": sha, "steps": len(co.log),
                          "seconds": round(time.perf_counter() - t, 3), **scores})
         progress(rnd + 1)
-    final = [_message(co, fleet.rounds, k, node, position[node], run_spec, "query") for k, node in enumerate(nodes)]
+    final = [_message(co, fleet.rounds, k, node, position[node], sha, run_spec, "query")
+             for k, node in enumerate(nodes)]
     answered = _answers(co, list(grid.send_and_receive(final, timeout=timeout)), nodes, position)
     if len(answered) < len(nodes):
         logger.warning(f"note: {len(nodes) - len(answered)} of {len(nodes)} devices did not confirm the final "
@@ -126,10 +129,11 @@ def _wait_for(grid: Grid, clients: int, seconds: float = 300.0) -> list[int]:
     return nodes[:clients]
 
 
-def _message(co: Coordinator, rnd: int, k: int, node: int, at: int | None, run_spec: str, kind: str) -> Message:
+def _message(co: Coordinator, rnd: int, k: int, node: int, at: int | None, sha: str, run_spec: str,
+             kind: str) -> Message:
     start = at or 0
     content: dict[str, Any] = {"round": rnd, "from": start, "records": encode(co.log.records[start:]),
-                               "sha256": co.replica.sha256(), "slots": co.fleet.slots(rnd, k) if kind == "train" else [],
+                               "sha256": sha, "slots": co.fleet.slots(rnd, k) if kind == "train" else [],
                                "lr": co.lr(rnd) if kind == "train" else 0.0}
     if at is None:
         content["run"] = run_spec
