@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from . import __version__, config
 from .config import (BenchExportOptions, BenchOptions, CompareOptions, CompareSpec, EvalOptions, ExportOptions,
-                     RunConfig, flag)
+                     RunConfig)
 from .errors import OrtzoError
 from .extras import missing, require
 from .output import LEVELS, configure
@@ -121,17 +121,10 @@ def _finetune(a: argparse.Namespace) -> None:
 
 
 def _federate(a: argparse.Namespace) -> None:
-    from .fleet.plan import Fleet
-    from .recipes.federate import federate
+    from .recipes.federate import federate, settings
 
-    given = config.given(a, RunConfig)
-    if fixed := [flag(k) for k in ("steps", "time_budget", "engine") if k in given]:
-        raise OrtzoError(f"ortzo federate sets {', '.join(fixed)} itself: the steps are --clients x --rounds x "
-                         "--steps-per-round, with the ort engine")
-    o = config.FleetOptions.build(config.given(a, config.FleetOptions))
-    fleet = Fleet(o.clients, o.rounds, o.steps_per_round, o.alpha, o.eval_every_rounds)
-    result = federate(RunConfig.build(given), fleet, a.out, resume=a.resume, round_timeout=o.round_timeout)
-    print(json.dumps(result))
+    cfg, fleet, timeout = settings(config.given(a, RunConfig) | config.given(a, config.FleetOptions))
+    print(json.dumps(federate(cfg, fleet, a.out, resume=a.resume, round_timeout=timeout)))
 
 
 def _eval(a: argparse.Namespace) -> None:

@@ -433,10 +433,15 @@ class FleetOptions(Settings):
     """`ortzo federate`: the fleet a run is spread over; the run's own settings are finetune's."""
 
     groups: ClassVar[dict[str, tuple[str, ...]]] = {
-        "fleet": ("clients", "rounds", "steps_per_round", "alpha", "eval_every_rounds", "round_timeout")}
+        "fleet": ("clients", "rounds", "steps_per_round", "merge", "alpha", "eval_every_rounds", "round_timeout")}
     clients: int = setting(..., "devices in the fleet (simulated with Flower's simulation engine)", ge=1)
-    rounds: int = setting(..., "rounds; the run's steps are clients x rounds x steps per round", ge=1)
+    rounds: int = setting(..., "rounds; the run's steps are rounds x steps per round (x clients with --merge "
+                               "append)", ge=1)
     steps_per_round: int = setting(1, "MeZO steps each device takes a round", ge=1)
+    merge: Literal["average", "append"] = setting(
+        "average", "average: every device probes the same steps on its share of the batch, the server averages "
+                   "their estimates (one step of the whole fleet's data); append: each device its own steps on "
+                   "a whole batch, all kept (clients times the steps a round; noisier on skewed shards)")
     alpha: float | None = setting(None, "non-IID shards: the Dirichlet concentration by label (e.g. 0.5); "
                                         "default: IID", gt=0)
     eval_every_rounds: int = setting(10, "evaluate on the server's examples every N rounds (and after the last)",

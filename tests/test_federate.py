@@ -42,48 +42,73 @@ def test_shards_are_disjoint_cover_everything_and_dirichlet_skews_the_labels():
     assert majority(iid) < 0.65 < 0.9 < majority(skewed)
 
 
-def test_a_probe_is_spsa_at_the_shared_weights_and_leaves_them_bit_for_bit(tiny_model, tiny_data):
+def _spsa(replica: Replica, seed: int, batch, eps: float) -> tuple[float, float]:
+    """L(w + eps z) and L(w - eps z) on `batch` at the weights `replica` holds, computed here;
+    the weights are left as they were, byte for byte."""
+    engine, kept = replica.engine, [b.copy() for b in replica.engine.buffers]
+    engine.directions.add(engine.buffers, seed, eps)  # w + eps z, then w + eps z - 2 eps z
+    plus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
+    engine.directions.add(engine.buffers, seed, -2 * eps)
+    minus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
+    for b, k in zip(engine.buffers, kept):
+        np.copyto(b, k)
+    return plus, minus
+
+
+@pytest.mark.parametrize("merge, slots, batch_of, batch_size", [
+    ("average", (0, 1), lambda slot: slot, 2),  # every device probes slot r on its share (4 // 3 + 1) of the batch
+    ("append", (0, CLIENTS), lambda slot: slot // CLIENTS, 4)])  # device 0's slots in rounds 0 and 1: whole batches
+def test_a_probe_is_spsa_at_the_shared_weights_and_leaves_them_bit_for_bit(tiny_model, tiny_data, merge, slots,
+                                                                            batch_of, batch_size):
     """A round's MeZO step on the device's own batch: its record's projected gradient is
     (L(w + eps z) - L(w - eps z)) / 2 eps at the weights the device holds, which it holds
     again afterwards, byte for byte; so the next round's probe starts from them too."""
     cfg = _cfg(tiny_model, tiny_data)
-    replica = Replica(cfg, Fleet(CLIENTS, ROUNDS), 0)
+    replica = Replica(cfg, Fleet(CLIENTS, ROUNDS, merge=merge), 0)
     before = [b.copy() for b in replica.engine.buffers]
-    engine = replica.engine
-    for slot in (0, CLIENTS):  # device 0's slot in rounds 0 and 1
+    for slot in slots:
         (record,) = replica.probe([slot], lr=0.5)
-        assert all(np.array_equal(a, b) for a, b in zip(before, engine.buffers))
-        batch = replica.setup.train_batch(slot // CLIENTS)  # its round's batch of its own examples
-        assert set(batch.labels.tolist()) <= {0, 1}
-        engine.directions.add(engine.buffers, record.seed, cfg.eps)  # w + eps z, then w + eps z - 2 eps z
-        plus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
-        engine.directions.add(engine.buffers, record.seed, -2 * cfg.eps)
-        minus = loss(batch.candidate_scores(engine.score(batch.feeds)), batch.labels)
-        for b, k in zip(engine.buffers, before):
-            np.copyto(b, k)
+        assert all(np.array_equal(a, b) for a, b in zip(before, replica.engine.buffers))
+        batch = replica.setup.train_batch(batch_of(slot))  # its round's batch of its own examples
+        assert len(batch.labels) == batch_size and set(batch.labels.tolist()) <= {0, 1}
+        plus, minus = _spsa(replica, record.seed, batch, cfg.eps)
         assert (record.loss_plus[0], record.loss_minus[0]) == (plus, minus)
         assert record.grads[0] == pytest.approx((plus - minus) / (2 * cfg.eps), rel=1e-9)
 
 
-def _argv(tiny_model, tiny_data, out) -> list[str]:
+def test_a_batch_too_small_to_deal_out_is_one_line(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "fleet"
+    assert main(["federate", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--clients", "8",
+                 "--rounds", "1", "--batch-size", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 4" in err and "--merge append" in err and not out.exists()
+
+
+def _argv(tiny_model, tiny_data, out, *more: str) -> list[str]:
     return ["federate", str(tiny_model), "--task", "sst2", "--data", str(tiny_data), "--clients", str(CLIENTS),
             "--rounds", str(ROUNDS), "--alpha", "0.5", "--eval-every-rounds", "1", "--batch-size", "4",
-            "--lr", "5e-3", "--train-examples", "48", "--eval-examples", "16", "--out", str(out), "--quiet"]
+            "--lr", "5e-3", "--train-examples", "48", "--eval-examples", "16", "--out", str(out), "--quiet", *more]
+
+
+def _federate(argv: list[str]) -> dict:
+    """Run `ortzo federate` here; what it printed. The process environment must come back as it
+    was: Ray sets PYTHONPATH and more for its workers, which a later subprocess must not inherit."""
+    import contextlib
+    import io
+
+    printed, environment = io.StringIO(), dict(os.environ)
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    assert dict(os.environ) == environment
+    return json.loads(printed.getvalue())
 
 
 @pytest.fixture(scope="module")
 def fleet_run(tiny_model, tiny_data, tmp_path_factory):
-    """A 3-device, 3-round fleet on the simulation engine: (its run folder, what it printed)."""
-    import contextlib
-    import io
-
+    """A 3-device, 3-round fleet (estimates averaged) on the simulation engine: (its run folder,
+    what it printed)."""
     out = tmp_path_factory.mktemp("fleet") / "run"
-    printed, environment = io.StringIO(), dict(os.environ)
-    with contextlib.redirect_stdout(printed):
-        assert main(_argv(tiny_model, tiny_data, out)) == 0
-    # Ray sets PYTHONPATH and more for its workers: a later subprocess of the host must not inherit them
-    assert dict(os.environ) == environment
-    return out, json.loads(printed.getvalue())
+    return out, _federate(_argv(tiny_model, tiny_data, out))
 
 
 def _rows(out) -> list[dict]:
@@ -91,34 +116,74 @@ def _rows(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_run, tiny_model, capsys):
-    out, result = fleet_run
-    recorded = json.loads((out / "config.json").read_text())["recorded"]["fleet"]
-    assert recorded == {"clients": CLIENTS, "rounds": ROUNDS, "per_round": 1, "alpha": 0.5, "eval_every": 1}
-    rows = _rows(out)
-    assert CONTRACT == list(rows[0])[:6] and [int(r["round"]) for r in rows] == [1, 2, 3]
-    assert all(int(r["clients"]) == CLIENTS for r in rows)
-    per_device = [max(int(r["bytes_up"]), int(r["bytes_down"])) / CLIENTS for r in rows]
-    assert max(per_device[1:]) <= 4096 and per_device[0] <= 8192  # the first carries the run's settings
-    log = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(CLIENTS * ROUNDS))
-    # slot s (round s // N, device s % N) draws the seed a single-device run draws at step s
-    assert [r["seed"] for r in log] == [int(np.random.SeedSequence([0, s]).generate_state(1)[0])
-                                        for s in range(CLIENTS * ROUNDS)]
-    # every round's hash is that of the weights the log gives after it, computed here
-    manifest = Manifest.load(tiny_model)
-    vectors = [p.name for p in manifest.parameters if len(p.shape) == 1]
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+def _seed(step: int) -> int:
+    """The seed a single-device run of seed 0 draws at `step`."""
+    return int(np.random.SeedSequence([0, step]).generate_state(1)[0])
+
+
+def _check_hashes(out, tiny_model, rows) -> None:
+    """Every round's hash is that of the weights the log gives after it, computed here."""
+    vectors = [p.name for p in Manifest.load(tiny_model).parameters if len(p.shape) == 1]
     for r in rows:
         _, store, _ = weights_at(out, int(r["steps"]))
         h = hashlib.sha256()
         for name in vectors:
             h.update(store.arrays[name].tobytes())
         assert r["weights_sha256"] == h.hexdigest()
-    assert len({r["weights_sha256"] for r in rows}) == ROUNDS and result["weights_sha256"] == rows[-1]["weights_sha256"]
+    assert len({r["weights_sha256"] for r in rows}) == len(rows)
+
+
+def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_run, tiny_model, tiny_data, capsys):
+    out, result = fleet_run
+    recorded = json.loads((out / "config.json").read_text())["recorded"]["fleet"]
+    assert recorded == {"clients": CLIENTS, "rounds": ROUNDS, "per_round": 1, "alpha": 0.5, "eval_every": 1,
+                        "merge": "average"}
+    rows = _rows(out)
+    assert CONTRACT == list(rows[0])[:6] and [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert all(int(r["clients"]) == CLIENTS for r in rows)
+    per_device = [max(int(r["bytes_up"]), int(r["bytes_down"])) / CLIENTS for r in rows]
+    assert max(per_device[1:]) <= 4096 and per_device[0] <= 8192  # the first carries the run's settings
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(ROUNDS)) and [r["seed"] for r in log] == list(map(_seed, range(3)))
+    _check_hashes(out, tiny_model, rows)
+    assert result["weights_sha256"] == rows[-1]["weights_sha256"]
+    # round r's step is the fleet's estimate along slot r's direction at the weights of round r: the
+    # devices' (L+ - L-) / 2 eps on their own batches, weighted by their examples, computed here
+    cfg, fleet = _cfg(tiny_model, tiny_data), Fleet(CLIENTS, ROUNDS, alpha=0.5)
+    devices = [Replica(cfg, fleet, k) for k in range(CLIENTS)]
+    assert sum(d.examples for d in devices) == 48 and len({d.examples for d in devices}) > 1
+    from ortzo.optim.mezo import StepRecord
+
+    for r, step in enumerate(log):
+        estimates = []
+        for d in devices:
+            plus, minus = _spsa(d, _seed(r), d.setup.train_batch(r), cfg.eps)
+            estimates.append((d.examples, (plus - minus) / (2 * cfg.eps), (plus + minus) / 2))
+            d.catch_up([StepRecord.from_json(step)])
+        n = sum(e for e, _, _ in estimates)
+        assert step["grads"][0] == pytest.approx(sum(e * g for e, g, _ in estimates) / n, rel=1e-9, abs=1e-12)
+        assert np.mean(step["loss_plus"] + step["loss_minus"]) == pytest.approx(
+            sum(e * m for e, _, m in estimates) / n, rel=1e-9)
     # another process's replay of the run scores what the server scored
     assert main(["eval", str(out), "--quiet"]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert (scored["accuracy"], scored["loss"]) == (float(rows[-1]["eval_accuracy"]), float(rows[-1]["eval_loss"]))
+
+
+def test_appended_records_are_each_devices_own_steps(tiny_model, tiny_data, tmp_path):
+    """--merge append: round r's device k takes slot r N + k with that slot's seed; the log holds
+    N steps a round, and every device ends each round with the weights the log gives."""
+    out = tmp_path / "run"
+    result = _federate(_argv(tiny_model, tiny_data, out, "--merge", "append", "--rounds", "2"))
+    rows, log = _rows(out), _log(out)
+    assert [int(r["steps"]) for r in rows] == [CLIENTS, 2 * CLIENTS] and result["steps"] == 2 * CLIENTS
+    assert [r["seed"] for r in log] == list(map(_seed, range(2 * CLIENTS)))
+    assert len({tuple(r["grads"]) for r in log}) == 2 * CLIENTS  # on different devices' batches
+    _check_hashes(out, tiny_model, rows)
 
 
 def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, tiny_data, tmp_path, capsys):

@@ -21,7 +21,6 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
-from ortzo.model.adapter import write_adapter
 from ortzo.model.manifest import Manifest
 from ortzo.model.prepare import prepare
 from ortzo.model.lora import LoraSpec

@@ -1,9 +1,19 @@
 """A fleet's plan: how many devices take which steps, and which training examples each holds.
 
-Step numbers are slots: round r's device k takes slots (r N + k) P ... (r N + k) P + P - 1 of N
-devices and P steps a round. A slot fixes the step's seed (as in a single-device run) and which
-of the device's own batches it uses, so a repeated round draws the same directions on the same
-examples, and a device that misses a round leaves no hole in anyone's arithmetic.
+Step numbers are slots. A slot fixes the step's seed (as in a single-device run) and which of
+the device's own batches it uses, so a repeated round draws the same directions on the same
+examples, and a device that misses a round leaves no hole in anyone's arithmetic. With N devices
+and P steps a round, two ways to merge what the devices send:
+
+- "average": every device probes the round's P slots rP ... rP + P - 1 on its share of the
+  step's batch (the run's batch size dealt out to the devices), and the server averages each
+  slot's projected gradients weighted by the devices' example counts. Loss is a mean over
+  examples, so that is the SPSA estimate of the whole fleet's loss along the slot's direction:
+  one step of a single device whose batch is drawn from every shard, whatever each holds.
+- "append": device k probes its own slots (rN + k)P ... (rN + k)P + P - 1 on a whole batch of
+  its own examples, and the server appends every record: N times the steps a round, each on one
+  device's examples. On label-skewed shards each such estimate is of a skewed loss (larger
+  gradients, so noisier directions); measured, that costs accuracy (docs/fleet.md).
 
 A real fleet's devices hold their own data; a simulation deals one task's training examples
 out: IID (a seeded permutation cut into near-equal parts) or non-IID by label with a Dirichlet
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -23,27 +34,43 @@ from ..errors import OrtzoError
 
 @dataclass(frozen=True)
 class Fleet:
-    """`clients` devices, `rounds` rounds of `per_round` MeZO steps on each, shards IID or
-    Dirichlet(`alpha`) by label, an evaluation every `eval_every` rounds."""
+    """`clients` devices, `rounds` rounds of `per_round` MeZO steps on each, merged by
+    `merge`, shards IID or Dirichlet(`alpha`) by label, an evaluation every `eval_every` rounds."""
 
     clients: int
     rounds: int
     per_round: int = 1
     alpha: float | None = None
     eval_every: int = 10
+    merge: Literal["average", "append"] = "average"
+
+    @property
+    def round_steps(self) -> int:
+        """Steps of the global log a round adds."""
+        return self.per_round * (self.clients if self.merge == "append" else 1)
 
     @property
     def steps(self) -> int:
-        return self.clients * self.rounds * self.per_round
+        return self.rounds * self.round_steps
 
     def slots(self, rnd: int, device: int) -> list[int]:
-        first = (rnd * self.clients + device) * self.per_round
+        first = rnd * self.round_steps + (device * self.per_round if self.merge == "append" else 0)
         return list(range(first, first + self.per_round))
 
     def local_batch(self, slot: int) -> int:
         """Which of its own batches a device steps on at `slot`: round r's j-th, r P + j."""
-        rnd, j = divmod(slot, self.clients * self.per_round)
+        rnd, j = divmod(slot, self.round_steps)
         return rnd * self.per_round + j % self.per_round
+
+    def batch_share(self, batch_size: int, device: int) -> int:
+        """Examples device `device` forwards a step: with "average" its part of the step's batch
+        (which must give every device one), with "append" the whole batch."""
+        if self.merge == "append":
+            return batch_size
+        if batch_size < self.clients:
+            raise OrtzoError(f"--merge average deals each step's batch to the devices: --batch-size {batch_size} "
+                             f"cannot give each of {self.clients} devices an example (raise it, or --merge append)")
+        return len(np.array_split(np.arange(batch_size), self.clients)[device])
 
 
 def shards(labels: Sequence[object], clients: int, alpha: float | None = None, seed: int = 0) -> list[list[int]]:

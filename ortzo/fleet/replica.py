@@ -32,6 +32,8 @@ class Replica:
         if cfg.engine != "ort":
             raise OrtzoError(f"a fleet trains with --engine ort (seeds and projected gradients on the wire), "
                              f"not {cfg.engine}")
+        if device is not None:  # its steps forward its share of the batch
+            cfg = cfg.model_copy(update={"batch_size": fleet.batch_share(cfg.batch_size, device)})
         setup = prepare(cfg, load_task(cfg.task, cfg.template))
         if device is not None:
             train = setup.splits.train
@@ -45,6 +47,11 @@ class Replica:
         if self.engine.session.device is not None:
             raise OrtzoError("a fleet's devices train on the host (a CUDA target is not supported yet)")
         self.replayed = 0  # records of the global log these weights hold
+
+    @property
+    def examples(self) -> int:
+        """Training examples this replica holds: what its estimates are weighted by."""
+        return len(self.setup.splits.train)
 
     def _batch(self, slot: int):
         return self.setup.train_batch(self.fleet.local_batch(slot))

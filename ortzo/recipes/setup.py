@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-import sys
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
