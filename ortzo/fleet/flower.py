@@ -179,8 +179,9 @@ def _message(co: Coordinator, rnd: int, k: int, node: int, at: int | None, sha: 
 def _answers(co: Coordinator, replies: list[Message], nodes: list[int], position: dict[int, int | None], sha: str,
              refused: set[int]) -> dict[int, ConfigRecord]:
     """The replies of devices that hold the global weights, by device index; positions updated.
-    A device that holds other weights after replaying the log (another model or version) is
-    refused for the rest of the run: its records would diverge the fleet."""
+    A new device that holds other weights after replaying the log (another model or version) is
+    refused for the rest of the run; one that held the fleet's weights before and no longer
+    does stops the run (its weights diverged: the output contract is one hash a round)."""
     answered = {}
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -193,6 +194,9 @@ def _answers(co: Coordinator, replies: list[Message], nodes: list[int], position
         if "need" in c:  # it lost its replica: from its own position next round
             position[node] = int(c["need"]) or None
             continue
+        if c["sha256"] != sha and position.get(node) is not None:  # it held the fleet's weights before
+            raise OrtzoError(f"device {node} diverged: after replaying the global log it holds weights "
+                             f"{str(c['sha256'])[:12]}..., the fleet {sha[:12]}... (the run can resume)")
         if c["sha256"] != sha:
             refused.add(node)
             logger.warning(f"note: device {node} refused: after replaying the global log it holds weights "
