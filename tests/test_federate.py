@@ -149,6 +149,8 @@ def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_
     assert max(per_device[1:]) <= 4096 and per_device[0] <= 8192  # the first carries the run's settings
     log = _log(out)
     assert [r["step"] for r in log] == list(range(ROUNDS)) and [r["seed"] for r in log] == list(map(_seed, range(3)))
+    # the recipe's linear decay spans the run's ROUNDS steps, one a round
+    assert [r["lr"] for r in log] == pytest.approx([5e-3 * (1 - r / ROUNDS) for r in range(ROUNDS)], rel=1e-12)
     _check_hashes(out, tiny_model, rows)
     assert result["weights_sha256"] == rows[-1]["weights_sha256"]
     # round r's step is the fleet's estimate along slot r's direction at the weights of round r: the
@@ -182,6 +184,9 @@ def test_appended_records_are_each_devices_own_steps(tiny_model, tiny_data, tmp_
     rows, log = _rows(out), _log(out)
     assert [int(r["steps"]) for r in rows] == [CLIENTS, 2 * CLIENTS] and result["steps"] == 2 * CLIENTS
     assert [r["seed"] for r in log] == list(map(_seed, range(2 * CLIENTS)))
+    # N steps a round, all at the round's lr: the linear decay over the run's 2 N steps
+    assert [r["lr"] for r in log] == pytest.approx([5e-3 * (1 - (s // CLIENTS) / 2) for s in range(2 * CLIENTS)],
+                                                   rel=1e-12)
     assert len({tuple(r["grads"]) for r in log}) == 2 * CLIENTS  # on different devices' batches
     _check_hashes(out, tiny_model, rows)
 

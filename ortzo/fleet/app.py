@@ -28,7 +28,9 @@ def main(grid: Grid, context: Context) -> None:
     given: dict[str, Any] = {k.replace("-", "_"): v for k, v in context.run_config.items() if v != ""}
     if "out" not in given:
         raise OrtzoError("run config: `out`, the run folder, is required")
-    out, resume = given.pop("out"), bool(given.pop("resume", False))
+    out, resume = given.pop("out"), given.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise OrtzoError(f"run config: `resume` is true or false, not {resume!r}")
     cfg, fleet, timeout = settings(given, "run config: ")
     with fleet_run(cfg, fleet, out, resume) as (cfg, co):
         serve(grid, co, spec(cfg, fleet), timeout, lambda rnd: logger.info(f"round {rnd} of {fleet.rounds}"))
