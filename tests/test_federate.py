@@ -4,7 +4,6 @@ another process replays to the same scores, and whose messages stay within a few
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from collections import Counter
@@ -16,9 +15,9 @@ from ortzo.cli import main
 from ortzo.config import RunConfig
 from ortzo.fleet.replica import Replica
 from ortzo.fleet.plan import Fleet, shards
-from ortzo.model.manifest import Manifest
-from ortzo.recipes.bake import weights_at
 from ortzo.tasks.objective import loss
+
+from fleet_checks import check_hashes, read_log, read_rows
 
 CLIENTS, ROUNDS = 3, 3
 CONTRACT = ["round", "clients", "bytes_up", "bytes_down", "eval_accuracy", "weights_sha256"]
@@ -111,30 +110,9 @@ def fleet_run(tiny_model, tiny_data, tmp_path_factory):
     return out, _federate(_argv(tiny_model, tiny_data, out))
 
 
-def _rows(out) -> list[dict]:
-    with (out / "rounds.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def _log(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-
-
 def _seed(step: int) -> int:
     """The seed a single-device run of seed 0 draws at `step`."""
     return int(np.random.SeedSequence([0, step]).generate_state(1)[0])
-
-
-def _check_hashes(out, tiny_model, rows) -> None:
-    """Every round's hash is that of the weights the log gives after it, computed here."""
-    vectors = [p.name for p in Manifest.load(tiny_model).parameters if len(p.shape) == 1]
-    for r in rows:
-        _, store, _ = weights_at(out, int(r["steps"]))
-        h = hashlib.sha256()
-        for name in vectors:
-            h.update(store.arrays[name].tobytes())
-        assert r["weights_sha256"] == h.hexdigest()
-    assert len({r["weights_sha256"] for r in rows}) == len(rows)
 
 
 def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_run, tiny_model, tiny_data, capsys):
@@ -142,16 +120,16 @@ def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_
     recorded = json.loads((out / "config.json").read_text())["recorded"]["fleet"]
     assert recorded == {"clients": CLIENTS, "rounds": ROUNDS, "per_round": 1, "alpha": 0.5, "eval_every": 1,
                         "merge": "average"}
-    rows = _rows(out)
+    rows = read_rows(out)
     assert CONTRACT == list(rows[0])[:6] and [int(r["round"]) for r in rows] == [1, 2, 3]
     assert all(int(r["clients"]) == CLIENTS for r in rows)
     per_device = [max(int(r["bytes_up"]), int(r["bytes_down"])) / CLIENTS for r in rows]
     assert max(per_device[1:]) <= 4096 and per_device[0] <= 8192  # the first carries the run's settings
-    log = _log(out)
+    log = read_log(out)
     assert [r["step"] for r in log] == list(range(ROUNDS)) and [r["seed"] for r in log] == list(map(_seed, range(3)))
     # the recipe's linear decay spans the run's ROUNDS steps, one a round
     assert [r["lr"] for r in log] == pytest.approx([5e-3 * (1 - r / ROUNDS) for r in range(ROUNDS)], rel=1e-12)
-    _check_hashes(out, tiny_model, rows)
+    check_hashes(out, tiny_model, rows)
     assert result["weights_sha256"] == rows[-1]["weights_sha256"]
     # round r's step is the fleet's estimate along slot r's direction at the weights of round r: the
     # devices' (L+ - L-) / 2 eps on their own batches, weighted by their examples, computed here
@@ -181,14 +159,14 @@ def test_appended_records_are_each_devices_own_steps(tiny_model, tiny_data, tmp_
     N steps a round, and every device ends each round with the weights the log gives."""
     out = tmp_path / "run"
     result = _federate(_argv(tiny_model, tiny_data, out, "--merge", "append", "--rounds", "2"))
-    rows, log = _rows(out), _log(out)
+    rows, log = read_rows(out), read_log(out)
     assert [int(r["steps"]) for r in rows] == [CLIENTS, 2 * CLIENTS] and result["steps"] == 2 * CLIENTS
     assert [r["seed"] for r in log] == list(map(_seed, range(2 * CLIENTS)))
     # N steps a round, all at the round's lr: the linear decay over the run's 2 N steps
     assert [r["lr"] for r in log] == pytest.approx([5e-3 * (1 - (s // CLIENTS) / 2) for s in range(2 * CLIENTS)],
                                                    rel=1e-12)
     assert len({tuple(r["grads"]) for r in log}) == 2 * CLIENTS  # on different devices' batches
-    _check_hashes(out, tiny_model, rows)
+    check_hashes(out, tiny_model, rows)
 
 
 def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, tiny_data, tmp_path, capsys):
@@ -198,14 +176,14 @@ def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, t
 
     out = tmp_path / "run"
     shutil.copytree(fleet_run[0], out)
-    rows = _rows(out)
+    rows = read_rows(out)
     with (out / "rounds.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows[:-1])
     steps = (out / "steps.jsonl").read_bytes()
     assert main(_argv(tiny_model, tiny_data, out) + ["--resume"]) == 0
-    again = _rows(out)
+    again = read_rows(out)
     assert (out / "steps.jsonl").read_bytes() == steps and len(again) == ROUNDS
     assert again[-1]["weights_sha256"] == rows[-1]["weights_sha256"] and again[-1]["steps"] == rows[-1]["steps"]
     more = _argv(tiny_model, tiny_data, out) + ["--resume"]

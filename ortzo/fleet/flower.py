@@ -191,7 +191,9 @@ def _answers(co: Coordinator, replies: list[Message], nodes: list[int], position
             logger.warning(f"note: device {node} failed this round: {reply.error.reason.strip().splitlines()[-1]}")
             continue
         c = reply.content[KEY]
-        if "need" in c:  # it lost its replica: from its own position next round
+        if "need" in c:  # it lost its replica, or replayed a round's message too late: from its own position
+            logger.warning(f"note: device {node} holds {int(c['need'])} of the log's {len(co.log)} steps, not the "
+                           f"{position.get(node) or 0} this server counted: it catches up next round")
             position[node] = int(c["need"]) or None
             continue
         if c["sha256"] != sha and position.get(node) is not None:  # it held the fleet's weights before
