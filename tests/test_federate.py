@@ -10,6 +10,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ortzo.cli import main
 from ortzo.config import RunConfig
@@ -39,6 +41,23 @@ def test_shards_are_disjoint_cover_everything_and_dirichlet_skews_the_labels():
     def majority(parts):  # mean share of each shard's most common label
         return np.mean([Counter(labels[i] for i in p).most_common(1)[0][1] / len(p) for p in parts])
     assert majority(iid) < 0.65 < 0.9 < majority(skewed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 2000), min_size=1, max_size=16), st.integers(0, 64))
+def test_a_steps_batch_is_dealt_in_proportion_to_the_shards(sizes, extra):
+    """Every device forwards at least one example, the parts make up the batch, a bigger shard
+    never gets fewer, and a part is within one example of its proportional quota wherever the
+    quotas are at least one."""
+    batch = len(sizes) + extra
+    parts = Fleet(len(sizes), 1).shares(batch, sizes)
+    assert sum(parts) == batch and min(parts) >= 1
+    by_size = sorted(zip(sizes, parts))
+    assert all(a[1] <= b[1] for a, b in zip(by_size, by_size[1:]) if a[0] < b[0])
+    quota = [batch * n / sum(sizes) for n in sizes]
+    if min(quota) >= 1:
+        assert all(abs(p - q) < 1 for p, q in zip(parts, quota))
+    assert Fleet(len(sizes), 1, merge="append").shares(batch, sizes) == [batch] * len(sizes)
 
 
 def _spsa(replica: Replica, seed: int, batch, eps: float) -> tuple[float, float]:
@@ -136,6 +155,9 @@ def test_a_simulated_fleet_shares_one_set_of_weights_and_its_log_is_a_run(fleet_
     cfg, fleet = _cfg(tiny_model, tiny_data), Fleet(CLIENTS, ROUNDS, alpha=0.5)
     devices = [Replica(cfg, fleet, k) for k in range(CLIENTS)]
     assert sum(d.examples for d in devices) == 48 and len({d.examples for d in devices}) > 1
+    # the step's batch of 4 dealt in proportion to the shards of 1, 22 and 25 (quotas 0.08, 1.83, 2.08)
+    assert sorted(zip((d.examples for d in devices), (len(d.setup.train_batch(0).labels) for d in devices))) == \
+        [(1, 1), (22, 1), (25, 2)]
     from ortzo.optim.mezo import StepRecord
 
     for r, step in enumerate(log):

@@ -6,8 +6,9 @@ examples, and a device that misses a round leaves no hole in anyone's arithmetic
 and P steps a round, two ways to merge what the devices send:
 
 - "average": every device probes the round's P slots rP ... rP + P - 1 on its share of the
-  step's batch (the run's batch size dealt out to the devices), and the server averages each
-  slot's projected gradients weighted by the devices' example counts. Loss is a mean over
+  step's batch (the run's batch size dealt out in proportion to the shard sizes), and the
+  server averages each slot's projected gradients weighted by the devices' example counts
+  (their shard sizes). Loss is a mean over
   examples, so that is the SPSA estimate of the whole fleet's loss along the slot's direction:
   one step of a single device whose batch is drawn from every shard, whatever each holds.
 - "append": device k probes its own slots (rN + k)P ... (rN + k)P + P - 1 on a whole batch of
@@ -19,7 +20,8 @@ A real fleet's devices hold their own data; a simulation deals one task's traini
 out: IID (a seeded permutation cut into near-equal parts) or non-IID by label with a Dirichlet
 prior (per label, the shares of the devices are drawn from Dir(alpha); small alpha gives each
 device few labels), as FedAvg papers partition. Every party computes the same shards from the
-same (labels, clients, alpha, seed), so the server never ships data, only this recipe.
+same (labels, clients, alpha, seed), so the server never ships data, only this recipe, and
+every device knows its share of a step's batch.
 """
 from __future__ import annotations
 
@@ -62,15 +64,24 @@ class Fleet:
         rnd, j = divmod(slot, self.round_steps)
         return rnd * self.per_round + j % self.per_round
 
-    def batch_share(self, batch_size: int, device: int) -> int:
-        """Examples device `device` forwards a step: with "average" its part of the step's batch
-        (which must give every device one), with "append" the whole batch."""
+    def shares(self, batch_size: int, sizes: Sequence[int]) -> list[int]:
+        """Examples each device forwards a step: with "append" the whole batch; with "average"
+        its part of the step's batch, in proportion to `sizes` (the devices' shard sizes; at
+        least one each, largest remainders first), so the batch the devices forward together is
+        a proportionally stratified sample of all their examples, as a single device's is a
+        random one. (Equal parts would weight a big shard's few examples up: a noisier estimate.)"""
         if self.merge == "append":
-            return batch_size
+            return [batch_size] * self.clients
         if batch_size < self.clients:
             raise OrtzoError(f"--merge average deals each step's batch to the devices: --batch-size {batch_size} "
                              f"cannot give each of {self.clients} devices an example (raise it, or --merge append)")
-        return len(np.array_split(np.arange(batch_size), self.clients)[device])
+        quota = batch_size * np.asarray(sizes, dtype=np.float64) / float(sum(sizes))
+        share = np.maximum(1, np.floor(quota)).astype(int)
+        while share.sum() > batch_size:  # the ones raised to 1 are paid for by the largest shares
+            share[np.argmax(np.where(share > 1, share - quota, -np.inf))] -= 1
+        while share.sum() < batch_size:
+            share[np.argmax(quota - share)] += 1
+        return share.tolist()
 
 
 def shards(labels: Sequence[object], clients: int, alpha: float | None = None, seed: int = 0) -> list[list[int]]:

@@ -32,13 +32,12 @@ class Replica:
         if cfg.engine != "ort":
             raise OrtzoError(f"a fleet trains with --engine ort (seeds and projected gradients on the wire), "
                              f"not {cfg.engine}")
-        if device is not None:  # its steps forward its share of the batch
-            cfg = cfg.model_copy(update={"batch_size": fleet.batch_share(cfg.batch_size, device)})
         setup = prepare(cfg, load_task(cfg.task, cfg.template))
-        if device is not None:
+        if device is not None:  # its shard, and its steps forward its share of the batch
             train = setup.splits.train
-            shard = shards([e[setup.task.label_field] for e in train], fleet.clients, fleet.alpha, cfg.seed)[device]
-            setup = replace(setup, splits=replace(setup.splits, train=[train[i] for i in shard]))
+            parts = shards([e[setup.task.label_field] for e in train], fleet.clients, fleet.alpha, cfg.seed)
+            cfg = cfg.model_copy(update={"batch_size": fleet.shares(cfg.batch_size, list(map(len, parts)))[device]})
+            setup = replace(setup, cfg=cfg, splits=replace(setup.splits, train=[train[i] for i in parts[device]]))
         store = setup.load_store()
         self.setup: Setup = setup.with_scales(store)
         self.fleet = fleet

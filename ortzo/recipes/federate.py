@@ -80,7 +80,7 @@ def fleet_run(cfg: RunConfig, fleet: Fleet, out: str | Path, resume: bool) -> It
     if fleet.merge == "average" and cfg.estimator != "mezo":
         raise OrtzoError(f"--estimator {cfg.estimator} normalizes each device's update by its own losses, so "
                          "averaging the estimates is not its step: use --merge append")
-    fleet.batch_share(cfg.batch_size, 0)  # the batch can be dealt out
+    fleet.shares(cfg.batch_size, [1] * fleet.clients)  # the batch can be dealt out
     run = RunFolder(out)
     with run.locked(create=not resume):
         if resume:
