@@ -20,14 +20,14 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
-def check_hashes(out: Path, model: Path, rows: list[dict]) -> None:
-    """Every round's hash is that of the weights the log gives after it, computed here (the
-    default recipe trains the model's vectors)."""
-    vectors = [p.name for p in Manifest.load(model).parameters if len(p.shape) == 1]
+def check_hashes(out: Path, model: Path, rows: list[dict], every: bool = False) -> None:
+    """Every round's hash is that of the weights the log gives after it, computed here: of the
+    model's vectors (the default recipe's), or with `every` of all its parameters."""
+    trained = [p.name for p in Manifest.load(model).parameters if every or len(p.shape) == 1]
     for r in rows:
         _, store, _ = weights_at(out, int(r["steps"]))
         h = hashlib.sha256()
-        for name in vectors:
+        for name in trained:
             h.update(store.arrays[name].tobytes())
         assert r["weights_sha256"] == h.hexdigest()
     assert len({r["weights_sha256"] for r in rows}) == len(rows)

@@ -17,6 +17,7 @@ from ortzo.cli import main
 from ortzo.config import RunConfig
 from ortzo.fleet.replica import Replica
 from ortzo.fleet.plan import Fleet, shards
+from ortzo.recipes.bake import weights_at
 from ortzo.tasks.objective import loss
 
 from fleet_checks import check_hashes, read_log, read_rows
@@ -189,6 +190,26 @@ def test_appended_records_are_each_devices_own_steps(tiny_model, tiny_data, tmp_
                                                    rel=1e-12)
     assert len({tuple(r["grads"]) for r in log}) == 2 * CLIENTS  # on different devices' batches
     check_hashes(out, tiny_model, rows)
+
+
+def test_a_fleet_trains_lora_over_a_frozen_int4_base(tiny_model, tiny_data, tmp_path):
+    """The quantized base with adapters out: the devices replay and probe the LoRA factors and
+    vectors of an int4 folder, and every round's hash is that of the weights its log gives."""
+    from ortzo.model.frozen import freeze
+    from ortzo.model.lora import LoraSpec
+    from ortzo.model.quantize import QuantSpec
+
+    base = tmp_path / "int4-lora"
+    manifest = freeze(tiny_model, base, QuantSpec(4, 16, accuracy_level=0), LoraSpec(r=2, alpha=2))
+    out = tmp_path / "run"
+    argv = _argv(base, tiny_data, out, "--params", "all", "--rounds", "2")
+    assert _federate(argv)["steps"] == 2
+    rows = read_rows(out)
+    assert [int(r["clients"]) for r in rows] == [CLIENTS, CLIENTS]
+    check_hashes(out, base, rows, every=True)
+    _, store, names = weights_at(out)
+    assert sorted(names) == sorted(p.name for p in manifest.parameters) and any("lora_B" in n for n in names)
+    assert all(np.abs(store.arrays[n]).max() > 0 for n in names if "lora_B" in n)  # B moved off its zero start
 
 
 def test_a_restarted_server_resumes_from_the_global_log(fleet_run, tiny_model, tiny_data, tmp_path, capsys):
