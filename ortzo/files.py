@@ -9,20 +9,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import OrtzoError
+
 TMP_SUFFIX = ".tmp"
 READ_BLOCK = 1 << 24
+
+
+def check_target(path: Path) -> None:
+    """An output replaces a regular file or nothing: renamed over a symlink, a FIFO or a device
+    (`/dev/null` as root), it would replace the link or the device node with a file."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OrtzoError(f"{path} is {kind}: ortzo writes its outputs as regular files (name a new file, or "
+                         "remove it first)")
 
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temporary file beside `path`, fsync, rename over it, fsync the folder."""
     path = Path(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.chmod(tmp, 0o666 & ~_umask())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrtzoError
-from ..files import TMP_SUFFIX, fsync_dir
+from ..files import TMP_SUFFIX, check_target, fsync_dir
 from .manifest import Manifest
 from .weights import WeightStore
 
@@ -43,8 +43,7 @@ def write_adapter(path: str | Path, manifest: Manifest, folder: str | Path, tens
     path = Path(path)
     if path.suffix != SUFFIX:
         raise OrtzoError(f"--out {path}: an adapter file ends in {SUFFIX}")
-    if path.is_dir():
-        raise OrtzoError(f"--out {path} is a folder")
+    check_target(path)
     fmt = ort.AdapterFormat()
     fmt.set_model_version(base)
     fmt.set_adapter_version(int(version))

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..files import atomic_open
+from ..files import atomic_open, check_target
 from ..memory import estimate
 from ..model.manifest import Manifest, hf_config
 from ..model.session import ScoringSession, graph_file
@@ -115,6 +115,8 @@ def bench_memory(model: Path, shapes: list[str], target: str, out: Path | None =
     BATCHxSEQ shape, beside the memory model's prediction for the step. glibc's default malloc,
     as a user's run has; `target` picks the provider and the graph format (`mobile-cpu`: the
     CPU provider on model.ort, what a phone's CPU runs)."""
+    if out is not None:
+        check_target(out)  # before the minutes of measuring
     manifest = Manifest.load(model)
     graph = graph_file(manifest, load_target(target))
     rows = []
