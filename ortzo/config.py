@@ -384,7 +384,8 @@ class ExportOptions(FrozenBaseOptions):
     model: str = setting(..., "alias (see export/), hub id, local Hugging Face folder or .gguf file")
     out: str = setting(..., "the trainable model folder to write")
     opset: int = setting(17, "ONNX opset of the exported graph", ge=14)
-    force: bool = setting(False, "replace a non-empty --out")
+    force: bool = setting(False, "replace an earlier output in --out (a model folder: manifest.json), never "
+                          "other files")
     dtype: Literal["float32", "float16"] = setting("float32", "stored weights; float16 trains through fp32 masters")
     verbose: bool = setting(False, "show the third-party exporters' own output and warnings")
     format: Literal["onnx", "ort"] = setting("onnx", "graph formats to write: onnx, or ort to add the graph in ORT "
@@ -413,7 +414,8 @@ class PrepareOptions(FrozenBaseOptions):
     out: str = setting(..., "the trainable model folder to write")
     tokenizer: str | None = setting(None, "a tokenizers tokenizer.json to copy into the folder; default: the "
                                     "tokenizer.json beside the model, if there is one")
-    force: bool = setting(False, "replace a non-empty --out")
+    force: bool = setting(False, "replace an earlier output in --out (a model folder: manifest.json), never "
+                          "other files")
 
 
 class BakeOptions(Settings):
@@ -422,7 +424,7 @@ class BakeOptions(Settings):
     path: str = setting(..., "trainable model folder, or a finetune run folder (its weights)")
     out: str = setting(..., "the folder to write: model.onnx, model.onnx_data, config.json, the tokenizer")
     step: int | None = setting(None, "a run's weights after this many steps; default: all logged steps", ge=0)
-    force: bool = setting(False, "replace a non-empty --out")
+    force: bool = setting(False, "replace an earlier output in --out: a bake (model.onnx), never other files")
     adapter: str | None = setting(None, "an .onnx_adapter (ortzo adapter) merged over a model folder's frozen base")
     weights: str | None = setting(None, "a weight file saved over a model folder (the API's Model.save) to bake in "
                                         "place of the folder's own")

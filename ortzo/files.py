@@ -11,7 +11,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +33,24 @@ def check_target(path: Path) -> None:
         kind = "a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise OrtzoError(f"{path} is {kind}: ortzo writes its outputs as regular files (name a new file, or "
                          "remove it first)")
+
+
+def check_output_folder(out: Path, force: bool, reads: Iterable[Path], holds: str) -> None:
+    """`out` may become a command's output folder (built beside it, then renamed over it): absent
+    or empty, or with `force` an earlier output of the command, which holds `holds`; never a
+    folder of other files (--force once deleted whatever it was given), nor one that is or holds
+    a path the command reads (an export into its own source deleted the source)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OrtzoError(f"--out {out} is not a folder")
+    for p in reads:
+        if p.resolve().is_relative_to(out.resolve()):
+            raise OrtzoError(f"{p} lies inside --out {out}: replacing the folder would delete it; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
+        if not (out / holds).is_file():
+            raise OrtzoError(f"--force replaces only an earlier output of this command (a folder with {holds}); "
+                             f"{out} holds other files: choose another --out")
 
 
 @contextmanager

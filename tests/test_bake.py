@@ -469,13 +469,18 @@ def test_an_old_folder_without_a_logits_graph_bakes_and_is_left_alone(tiny_model
     assert (tmp_path / "baked" / DATA).stat().st_size > 0
 
 
-def test_force_replaces_a_non_empty_out(tiny_model, tmp_path):
+def test_force_replaces_an_earlier_bake_and_nothing_else(tiny_model, tmp_path, capsys):
     out = tmp_path / "baked"
-    out.mkdir()
+    assert main(["bake", str(tiny_model), "--out", str(out)]) == 0
     (out / "old.txt").write_text("old")
     assert main(["bake", str(tiny_model), "--out", str(out), "--force"]) == 0
     assert not (out / "old.txt").exists() and (out / MODEL).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked"]  # no temporary folder left
+    mine = tmp_path / "mine"  # a folder of the user's own files: --force is no licence to delete it
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    _expect_error(capsys, ["bake", str(tiny_model), "--out", str(mine), "--force"], "holds other files")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
 def _expect_error(capsys, argv, message):
@@ -510,6 +515,6 @@ def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, c
     shutil.copytree(tiny_model, model)
     before = _snapshot(model)
     for target in (model, tmp_path):  # --force never replaces what bake reads
-        _expect_error(capsys, ["bake", str(model), "--out", str(target), "--force"], "which bake reads")
+        _expect_error(capsys, ["bake", str(model), "--out", str(target), "--force"], "lies inside --out")
     assert _snapshot(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "configless", "corrupt", "model"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -91,7 +92,16 @@ def test_export_refuses_to_overwrite(tiny_hf, tmp_path):
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(OrtzoError, match="--force"):
         export_model(str(tiny_hf), out)
-    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(OrtzoError, match="holds other files"):  # --force replaces only an earlier export
+        export_model(str(tiny_hf), out, force=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+    src = tmp_path / "hf" / "checkpoint"
+    shutil.copytree(tiny_hf, src)
+    before = sorted((p.name, p.read_bytes()) for p in src.iterdir())
+    for into in (src, src.parent):  # an export into its own source, or a folder around it, would delete it
+        with pytest.raises(OrtzoError, match="lies inside --out"):
+            export_model(str(src), into, force=True)
+    assert sorted((p.name, p.read_bytes()) for p in src.iterdir()) == before
 
 
 def test_fp16_folder_computes_with_fp16_rounded_weights(tiny_hf, tiny_model, tiny_model_fp16):

@@ -253,7 +253,7 @@ def test_cli_errors_are_one_line_exit_2_and_touch_nothing(tiny_bert, tmp_path, c
            "is not an ONNX model": ["prepare", str(tiny_bert.parent / "tokenizer.json"), "--out", str(tmp_path / "b")],
            "no trainable initializer": ["prepare", str(out / "model.onnx"), "--out", str(tmp_path / "c")],
            "lies inside --out": ["prepare", str(tiny_bert), "--out", str(tiny_bert.parent), "--force"],
-           "is a file": ["prepare", str(tiny_bert), "--out", str(text)],
+           "is not a folder": ["prepare", str(tiny_bert), "--out", str(text)],
            "not a tokenizers tokenizer.json": ["prepare", str(tiny_bert), "--out", str(tmp_path / "d"),
                                                "--tokenizer", str(text)]}
     for message, argv in bad.items():

@@ -38,9 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OrtzoError
 from ..extras import MissingExtra, require
-from ..files import TMP_SUFFIX, atomic_open, fsync_dir, write_json
+from ..files import TMP_SUFFIX, atomic_open, check_output_folder, fsync_dir, write_json
 from .cached import cached_graph
 from .external import DataFile
 from .logits import logits_graph
@@ -62,13 +61,7 @@ def write_baked(folder: Path, store: WeightStore, out: Path, force: bool = False
                 reads: tuple[Path, ...] = (), say: Callable[[str], None] = print) -> None:
     """Bake `store` (weights of the trainable folder `folder`) into the model folder `out`;
     `reads`: more paths `out` must not replace."""
-    if out.exists() and not out.is_dir():
-        raise OrtzoError(f"{out} is a file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
-    for read in {folder, *reads}:
-        if out.resolve() == read.resolve() or out.resolve() in read.resolve().parents:
-            raise OrtzoError(f"--out {out} would replace {read}, which bake reads; choose another --out")
+    check_output_folder(out, force, {folder, *reads}, MODEL)
     manifest = store.manifest
     config = None if manifest.source.get("kind") == PREPARED else hf_config(folder)
     if config is None:  # someone else's model: its own graph

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OrtzoError
-from ..files import atomic_open
+from ..files import atomic_open, check_output_folder
 from . import lora as lora_graph
 from .export.convert import _prune, declare_inputs
 from .export.flatfile import FlatWriter
@@ -35,7 +35,7 @@ from .export.head import INPUTS as SCORE_INPUTS, OUTPUT as SCORE_OUTPUT, add_sco
 from .external import DataFile
 from .frozen import BASE_DATA, WEIGHTS
 from .manifest import MANIFEST, Manifest
-from .prepare import _check_out, _load
+from .prepare import _load
 
 CONFIG = "genai_config.json"
 SCORE_GRAPH = "score.onnx"
@@ -80,7 +80,7 @@ def prepare_genai(src: str | Path, out: str | Path, lora: lora_graph.LoraSpec | 
         raise OrtzoError(f"{graph}: its matrices are quantized to {sorted(bits)} bits; ortzo takes int4 or int8 bases")
     targets = lora_graph.targeted(lora, [f"{m}.weight" for m in nbits]) if lora else []
     data_files = {src / e.value for i in g.initializer for e in i.external_data if e.key == "location"}
-    _check_out(out, force, [graph, *data_files])
+    check_output_folder(out, force, [graph, *data_files], MANIFEST)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp") as tmp:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OrtzoError
-from ..files import atomic_open
-from .manifest import Manifest, Parameter
+from ..files import atomic_open, check_output_folder
+from .manifest import MANIFEST, Manifest, Parameter
 
 if TYPE_CHECKING:
     from .lora import LoraSpec
@@ -60,7 +60,7 @@ def prepare(onnx_path: str | Path, out: str | Path, tokenizer: str | Path | None
         raise OrtzoError(f"{src} has no trainable initializer (a float32 or float16 tensor of at least "
                          f"{MIN_ELEMENTS} elements): its weights are constants or graph inputs already")
     tok = _tokenizer_file(src, tokenizer)
-    _check_out(out, force, [src, *_external_files(g, src.parent), *([tok] if tok else [])])
+    check_output_folder(out, force, [src, *_external_files(g, src.parent), *([tok] if tok else [])], MANIFEST)
     # An initializer also declared as an input (older IRs) becomes one input: the parameter's.
     kept = [i for i in g.input if i.name not in names]
     del g.input[:]
@@ -182,13 +182,3 @@ def _tokenizer_file(src: Path, given: str | Path | None) -> Path | None:
     except Exception as e:  # tokenizers raises plain Exceptions for a bad file
         raise OrtzoError(f"{path} is not a tokenizers tokenizer.json: {str(e).splitlines()[0]}") from None
     return path
-
-
-def _check_out(out: Path, force: bool, inputs: list[Path]) -> None:
-    if out.exists() and not out.is_dir():
-        raise OrtzoError(f"{out} is a file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
-    for p in inputs:
-        if p.resolve().is_relative_to(out.resolve()):
-            raise OrtzoError(f"{p} lies inside --out {out}: replacing the folder would delete it")

@@ -13,8 +13,9 @@ from pathlib import Path
 from ..config import RECORDED, RunConfig
 from ..engines.base import record_type
 from ..errors import OrtzoError
+from ..files import check_output_folder
 from ..model.adapter import apply_adapter
-from ..model.bake import write_baked
+from ..model.bake import MODEL, write_baked
 from ..model.manifest import MANIFEST, Manifest
 from ..model.targets import load_target
 from ..model.tokenizer import Tokenizer
@@ -37,8 +38,8 @@ def bake(path: str | Path, out: str | Path, step: int | None = None, force: bool
     saved over a model folder (`Model.save`), checked against `sha256` if given. Returns the
     trainable folder's manifest."""
     path, out = Path(path), Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:  # before a long replay
-        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
+    check_output_folder(out, force, [path, *([Path(weights)] if weights is not None else [])], MODEL)  # before a
+    # long replay
     model_folder = (path / MANIFEST).is_file()
     if adapter is not None and not model_folder:
         raise OrtzoError("--adapter applies to a model folder (a run's own tensors are its weights)")

@@ -32,9 +32,10 @@ from typing import IO, Any
 
 from ...errors import OrtzoError
 from ...extras import require
+from ...files import check_output_folder
 from ...output import progress, silenced
 from ..lora import LoraSpec, targeted
-from ..manifest import Manifest
+from ..manifest import MANIFEST, Manifest
 from ..mobile import add_ort_graph
 from ..quantize import QuantSpec
 from .convert import convert
@@ -73,12 +74,9 @@ def export_model(model: str, out: str | Path, opset: int = 17, force: bool = Fal
         raise OrtzoError(f"unsupported dtype {dtype!r}; choose float32 or float16")
     if graph_format not in ("onnx", "ort"):
         raise OrtzoError(f"unsupported graph format {graph_format!r}; choose onnx or ort")
-    if out.exists() and not out.is_dir():
-        raise OrtzoError(f"{out} is a file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OrtzoError(f"{out} exists and is not empty; pass --force to replace it")
-    quiet = _quiet if not verbose else nullcontext
     source = resolve(model)
+    check_output_folder(out, force, [Path(source.location)] if source.kind in ("dir", "gguf") else [], MANIFEST)
+    quiet = _quiet if not verbose else nullcontext
     out.parent.mkdir(parents=True, exist_ok=True)
     work = partial_folder(out)
     lock_file = work.with_name(work.name + ".lock")
