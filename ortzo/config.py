@@ -299,6 +299,9 @@ class RunConfig(Settings):
             "schedule_seconds": seconds})
 
 
+ArmName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]  # a folder name, not a path
+
+
 class CompareSpec(Settings):
     """`ortzo compare`: the experiment, as a .toml file (see configs/compare-*.toml)."""
 
@@ -307,8 +310,9 @@ class CompareSpec(Settings):
     time_budget: float = setting(..., "seconds of training steps per run", gt=0)
     seeds: list[int] = setting([0, 1, 2], "seeds: one run per arm and seed", min_length=1)
     common: dict[str, Any] = setting({}, "finetune settings every arm shares")
-    arms: dict[str, dict[str, Any]] = setting(..., "arm name -> finetune settings, with `model` (taken) or "
-                                              "`models` (the largest that fits is picked)", min_length=1)
+    arms: dict[ArmName, dict[str, Any]] = setting(..., "arm name (letters, digits, . _ -: it names the arm's "
+                                                  "folder under --out) -> finetune settings, with `model` (taken) "
+                                                  "or `models` (the largest that fits is picked)", min_length=1)
     report_minutes: list[float] = setting([], "wall-clock marks in minutes (steps and the evaluations done on the "
                                           "way): the summary gives each arm's accuracy on the whole evaluation "
                                           "split with the weights it had there (median, min, max over seeds)")

@@ -81,13 +81,17 @@ def test_compare_errors_are_one_line(tiny_model, tmp_path, capsys):
                           ('memory_budget = "lots"\ntime_budget = 1\n[arms.a]\nmodel = "x"\n', "bad memory size"),
                           ('time_budget = 1\n[arms.a]\nmodel = "x"\n', "missing setting 'memory_budget'"),
                           ('memory_budget = "1GB"\ntime_budget = 1\n[arms.a]\nengine = "jax"\nmodel = "x"\n',
-                           "--engine")):
+                           "--engine"),
+                          # an arm names a folder under --out, never a path out of it
+                          ('memory_budget = "1GB"\ntime_budget = 1\n[arms."../../escaped"]\nmodel = "x"\n', "arms"),
+                          ('memory_budget = "1GB"\ntime_budget = 1\n[arms."/tmp/abs"]\nmodel = "x"\n', "arms")):
         if text is not None:
             spec.write_text(text)
         capsys.readouterr()
         assert main(["compare", str(spec), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]  # nothing written, in --out or beside it
 
 
 def test_wall_step_counts_steps_and_the_evaluations_before_them():
