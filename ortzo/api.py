@@ -10,6 +10,7 @@ buffers, so fine-tuning costs what inference costs in memory. A step is
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from functools import cached_property
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -29,7 +30,7 @@ from .model.weights import PARAMS, WeightStore
 from .optim.directions import DEFAULT_KIND
 from .optim.estimators import ESTIMATORS, estimator_step
 from .optim.meazo import scale_after
-from .optim.mezo import SCHEDULES, StepRecord, decay_mask, scheduled_lr, step_seed
+from .optim.mezo import EPS_MAX, LR_MAX, SCHEDULES, StepRecord, decay_mask, scheduled_lr, step_seed, zero_step
 from .tasks.batches import Batch, Encoder
 from .tasks.data import Rows, batch_indices
 from .tasks.objective import evaluate, loss as label_loss
@@ -120,7 +121,8 @@ class Model:
         the one-dimensional ones) and how (`estimator`: "mezo", or "fzoo" with n_directions >= 2 and no
         clip; `adaptive`: "meazo" for MEAZO's step size, mezo only); returns the model."""
         fzoo = estimator == "fzoo"
-        if not (lr >= 0 and eps > 0 and n_directions >= 1 + fzoo and (clip is None or clip > 0 and not fzoo)
+        if not (0 <= lr <= LR_MAX and 0 < eps <= EPS_MAX and 0 <= weight_decay < math.inf and n_directions >= 1 + fzoo
+                and (clip is None or clip > 0 and not fzoo)
                 and estimator in ESTIMATORS and params in PARAMS and adaptive in ("none", "meazo")
                 and not (fzoo and adaptive == "meazo")):
             raise OrtzoError(f"bad settings: estimator={estimator}, lr={lr}, eps={eps}, clip={clip}, "
@@ -135,14 +137,24 @@ class Model:
 
     def step(self, feeds: Feeds, loss: Callable[[Outputs], float], lr: float | None = None) -> StepRecord:
         """One step in place (MeZO's, or FZOO's): `loss` maps the graph's outputs to the number to minimise;
-        `lr` overrides `train`'s for this step (a schedule's value). A non-finite loss leaves the
-        weights as they were and raises FloatingPointError."""
+        `lr` overrides `train`'s for this step (a schedule's value). A step that fails (a non-finite
+        loss raises FloatingPointError; `loss` may raise) is finished as a zero step, its
+        perturbations undone by the arithmetic its replay repeats: it joins `records` (lr 0, no
+        losses), which still replay to the weights bit for bit, and the error is raised."""
+        if lr is not None and not 0 <= lr <= LR_MAX:
+            raise OrtzoError(f"step(lr={lr}): the lr is between 0 and {LR_MAX:g}")
         s, n = self.settings, len(self.records)
-        adapt = scale_after(r.grad for r in self.records) if s["adaptive"] == "meazo" else None
-        record = estimator_step(s["estimator"], self.buffers, lambda: loss(self.run(feeds)), step=n,
-                                seed=step_seed(s["seed"], n), eps=s["eps"], lr=s["lr"] if lr is None else lr,
-                                directions=self.directions, n_directions=s["n_directions"], clip=s["clip"],
-                                weight_decay=s["weight_decay"], decay=self.decay, adapt=adapt)
+        adapt = scale_after(r.grad for r in self.records if math.isfinite(r.loss)) \
+            if s["adaptive"] == "meazo" else None  # a zero step (a failed one) is no estimate
+        seed = step_seed(s["seed"], n)
+        try:
+            record = estimator_step(s["estimator"], self.buffers, lambda: loss(self.run(feeds)), step=n, seed=seed,
+                                    eps=s["eps"], lr=s["lr"] if lr is None else lr, directions=self.directions,
+                                    n_directions=s["n_directions"], clip=s["clip"], weight_decay=s["weight_decay"],
+                                    decay=self.decay, adapt=adapt)
+        except BaseException:  # the estimator finished the step as a zero step: the records still replay
+            self.records.append(zero_step(n, seed, s["n_directions"], s["eps"], s["weight_decay"], s["estimator"]))
+            raise
         self.records.append(record)
         return record
 

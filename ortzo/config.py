@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .model.lora import LoraSpec
     from .model.quantize import QuantSpec
 from .optim.estimators import ESTIMATORS
-from .optim.mezo import SCHEDULES
+from .optim.mezo import EPS_MAX, LR_MAX, SCHEDULES
 from .optim.precondition import SCALES
 from .model.placement import PROVIDERS
 from .model.weights import PARAMS
@@ -181,8 +181,8 @@ class RunConfig(Settings):
     batch_size: int = setting(16, "training examples per step", ge=1)
     lr: float = setting(1e-5, "learning rate (peak, for the linear schedule); default: 2e-4 (mezo on the vectors), "
                               "5e-5 (mezo on all), 1e-3 (with --adaptive meazo), 1e-6 (fzoo), 1e-5 (the torch "
-                              "engines)", resumable=True, ge=0)
-    eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0)
+                              "engines)", resumable=True, ge=0, le=LR_MAX)
+    eps: float = setting(1e-3, "perturbation scale", resumable=True, gt=0, le=EPS_MAX)
     schedule: Literal[SCHEDULES] = setting("constant", "learning-rate schedule; linear decays "
                                                              "to 0 at schedule_steps; wsd: constant, then linear "
                                                              "to 0 over the last third of schedule_steps; default: "
@@ -195,7 +195,7 @@ class RunConfig(Settings):
                                              "0 when the run ends, by steps or by time; default: --time-budget, "
                                              "unless --schedule-steps is given", resumable=True, gt=0)
     weight_decay: float = setting(0.0, "weight decay on matrices: w <- (1 - lr wd) w each step", resumable=True,
-                                  ge=0)
+                                  ge=0, allow_inf_nan=False)
     directions: Literal[KINDS] = setting(DEFAULT_KIND, "distribution of the random directions z (rademacher-counter: "
                                          "+-1 signs computed identically on CPU and GPU)")
     estimator: Literal[ESTIMATORS] = setting("mezo", "mezo: two-sided SPSA, 2 forwards per direction; fzoo: "

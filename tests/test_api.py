@@ -135,6 +135,46 @@ def test_fp16_folder_restores_into_its_masters(tiny_model_fp16, tiny_data, tmp_p
     np.testing.assert_array_equal(model.buffers[0], before.astype(np.float16).astype(np.float32))
 
 
+def test_a_failed_step_joins_the_records_as_a_zero_step_and_they_still_replay(tiny_model, tiny_data):
+    """A loss that raises (or goes NaN) mid-step: the error reaches the app, the step is a zero
+    step in `records` (lr 0), and replaying the records on a fresh copy gives the live weights
+    byte for byte; the next steps go on from them."""
+    model = ortzo.open(tiny_model).train(lr=1e-2, eps=1e-2, seed=3)
+    clf = model.classifier("sst2", template="mezo")
+    batches = clf.batches(_rows(tiny_data), 8)
+    model.fit(batches, clf.loss, steps=2, progress=False)
+    batch, calls = clf.batch(_rows(tiny_data)[:8]), []
+
+    def breaks_once(outputs):
+        calls.append(1)
+        if len(calls) == 2:  # at L-, after the weights moved twice
+            raise KeyError("the app's loss broke")
+        return clf.loss(outputs, batch)
+    with pytest.raises(KeyError):
+        model.step(batch.feeds, breaks_once)
+    model.step(batch.feeds, breaks_once)
+    with pytest.raises(FloatingPointError):
+        model.step(batch.feeds, lambda outputs: float("nan"))
+    model.fit(batches, clf.loss, steps=2, progress=False)
+    assert [r.lr == 0 for r in model.records] == [False, False, True, False, True, False, False]
+    fresh = ortzo.open(tiny_model)
+    replay(fresh.store.trainable(list(fresh.store.arrays)), model.records, Directions("rademacher-counter"))
+    np.testing.assert_array_equal(fresh.store.buffer, model.store.buffer)
+
+
+def test_settings_that_wreck_the_weights_are_refused_before_a_step(tiny_model):
+    model = ortzo.open(tiny_model)
+    for bad in ({"lr": 1e30}, {"lr": float("inf")}, {"eps": float("inf")}, {"eps": 1e30}, {"lr": float("nan")},
+                {"weight_decay": float("inf")}):
+        with pytest.raises(OrtzoError, match="bad settings"):
+            model.train(**bad)
+    model.train(lr=1e-3)
+    before = model.store.buffer.copy()
+    with pytest.raises(OrtzoError, match="lr"):
+        model.step({}, lambda outputs: 0.0, lr=float("inf"))
+    assert np.array_equal(model.store.buffer, before) and model.records == []
+
+
 def test_bad_settings_and_folders(tiny_model, tmp_path):
     with pytest.raises(OrtzoError, match="model folder not found"):
         ortzo.open(tmp_path / "none")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .directions import Directions
-from .mezo import LossFn, StepRecord, direction_seed
+from .mezo import LossFn, StepRecord, direction_seed, zero_step
 
 ESTIMATOR = "fzoo"
 
@@ -41,18 +41,27 @@ def fzoo_step(
     decay: Sequence[bool] | None = None,
 ) -> StepRecord:
     """One FZOO step in place on `buffers` (N = `n_directions` >= 2: the spread needs two). A
-    non-finite loss leaves the weights as they were and raises FloatingPointError."""
+    step that fails (a non-finite loss raises FloatingPointError; `loss_fn` may raise anything)
+    is finished as mezo.zero_step's record: the weights come back as its replay leaves them."""
     if n_directions < 2:
         raise ValueError(f"FZOO needs at least 2 directions a step, got {n_directions}")
-    base = float(loss_fn())
+    ops, done = perturbations(seed, n_directions, eps), 0
     losses = []
-    for i in range(n_directions):
-        s = direction_seed(seed, i)
-        directions.add(buffers, s, eps)
-        losses.append(float(loss_fn()))
-        directions.add(buffers, s, -eps)
-    if not all(map(math.isfinite, [base, *losses])):
-        raise FloatingPointError(f"non-finite loss at step {step}: L0={base}, L_i={losses}")
+    try:
+        base = float(loss_fn())
+        for _ in range(n_directions):
+            directions.add(buffers, *ops[done])
+            done += 1
+            losses.append(float(loss_fn()))
+            directions.add(buffers, *ops[done])
+            done += 1
+        if not all(map(math.isfinite, [base, *losses])):
+            raise FloatingPointError(f"non-finite loss at step {step}: L0={base}, L_i={losses}")
+    except BaseException:
+        for op in ops[done:]:
+            directions.add(buffers, *op)
+        _update(buffers, zero_step(step, seed, n_directions, eps, weight_decay, ESTIMATOR), directions, decay)
+        raise
     sigma = statistics.stdev(losses)
     record = StepRecord(step, seed, tuple((li - base) / eps for li in losses), lr, eps, weight_decay,
                         tuple(losses), (base,), ESTIMATOR, sigma if sigma > 0 else 1.0)
@@ -60,14 +69,19 @@ def fzoo_step(
     return record
 
 
+def perturbations(seed: int, n_directions: int, eps: float) -> list[tuple[int, float]]:
+    """The (direction seed, scale) additions an FZOO step makes before its update, in order:
+    w + eps z_i, then w again, for each direction."""
+    seeds = [direction_seed(seed, i) for i in range(n_directions)]
+    return [op for s in seeds for op in ((s, eps), (s, -eps))]
+
+
 def replay_step(buffers: Sequence[np.ndarray], r: StepRecord, directions: Directions,
                 decay: Sequence[bool] | None = None) -> None:
     """The step's weight arithmetic without its losses: each direction's +eps and -eps, then
     the update."""
-    for i in range(len(r.grads)):
-        s = direction_seed(r.seed, i)
-        directions.add(buffers, s, r.eps)
-        directions.add(buffers, s, -r.eps)
+    for op in perturbations(r.seed, len(r.grads), r.eps):
+        directions.add(buffers, *op)
     _update(buffers, r, directions, decay)
 
 

@@ -25,6 +25,10 @@ import numpy as np
 from .directions import Directions
 
 LossFn = Callable[[], float]
+# Bounds no recipe comes near (lr 1e-6 to 1e-3, eps 1e-3): a larger lr or eps wrecks the weights in
+# one step (lr 1e30 did, and the log kept the step, so a resume with a smaller lr replayed it).
+LR_MAX = 1.0
+EPS_MAX = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,20 @@ class StepRecord:
         return float(np.mean(self.grads))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """As JSON takes it: a failed step's missing losses (NaN) as null."""
+        d = asdict(self)
+        for key in ("loss_plus", "loss_minus"):
+            d[key] = [x if math.isfinite(x) else None for x in d[key]]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> StepRecord:
+        def losses(xs: list) -> tuple[float, ...]:
+            return tuple(math.nan if x is None else float(x) for x in xs)
+
         return cls(int(d["step"]), int(d["seed"]), tuple(map(float, d["grads"])), float(d["lr"]),
-                   float(d["eps"]), float(d["weight_decay"]), tuple(map(float, d["loss_plus"])),
-                   tuple(map(float, d["loss_minus"])), str(d.get("estimator", "mezo")), float(d.get("norm", 1.0)))
+                   float(d["eps"]), float(d["weight_decay"]), losses(d["loss_plus"]), losses(d["loss_minus"]),
+                   str(d.get("estimator", "mezo")), float(d.get("norm", 1.0)))
 
 
 def direction_seed(seed: int, direction: int) -> int:
@@ -88,33 +99,64 @@ def mezo_step(
 ) -> StepRecord:
     """One SPSA step in place on `buffers`. `decay[i]` says whether buffer i gets weight decay
     (default: all). `adapt` maps the step's mean projected gradient to a factor of its lr (an
-    adaptive step size, optim/meazo.py); the record holds the lr applied. A non-finite loss
-    restores the weights and raises FloatingPointError."""
+    adaptive step size, optim/meazo.py); the record holds the lr applied. A step that fails (a
+    non-finite loss raises FloatingPointError; `loss_fn` may raise anything) is finished as
+    `zero_step`'s record: the weights come back as its replay leaves them, and the error is raised."""
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be positive, got {clip}")
+    ops, done = perturbations(seed, n_directions, eps), 0
     grads, lplus, lminus = [], [], []
-    for i in range(n_directions):
-        s = direction_seed(seed, i)
-        directions.add(buffers, s, eps)
-        lp = float(loss_fn())
-        directions.add(buffers, s, -2 * eps)
-        lm = float(loss_fn())
-        if not (math.isfinite(lp) and math.isfinite(lm)):
-            directions.add(buffers, s, eps)
-            raise FloatingPointError(f"non-finite loss at step {step}: L+={lp}, L-={lm}")
-        g = (lp - lm) / (2 * eps)
-        if clip is not None:
-            g = max(-clip, min(clip, g))
-        grads.append(g)
-        lplus.append(lp)
-        lminus.append(lm)
-        if n_directions > 1:
-            directions.add(buffers, s, eps)
+
+    def probe() -> float:
+        nonlocal done
+        directions.add(buffers, *ops[done])
+        done += 1
+        return float(loss_fn())
+
+    try:
+        for _ in range(n_directions):
+            lp, lm = probe(), probe()
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                raise FloatingPointError(f"non-finite loss at step {step}: L+={lp}, L-={lm}")
+            g = (lp - lm) / (2 * eps)
+            if clip is not None:
+                g = max(-clip, min(clip, g))
+            grads.append(g)
+            lplus.append(lp)
+            lminus.append(lm)
+            if n_directions > 1:
+                directions.add(buffers, *ops[done])
+                done += 1
+    except BaseException:
+        for op in ops[done:]:
+            directions.add(buffers, *op)
+        _update(buffers, zero_step(step, seed, n_directions, eps, weight_decay), directions, decay)
+        raise
     record = StepRecord(step, seed, tuple(grads), lr, eps, weight_decay, tuple(lplus), tuple(lminus))
     if adapt is not None:
         record = replace(record, lr=lr * adapt(record.grad))
     _update(buffers, record, directions, decay)
     return record
+
+
+def perturbations(seed: int, n_directions: int, eps: float) -> list[tuple[int, float]]:
+    """The (direction seed, scale) additions a MeZO step makes before its update, in order:
+    w + eps z, w - eps z, and with several directions w again after each."""
+    ops = []
+    for i in range(n_directions):
+        s = direction_seed(seed, i)
+        ops += [(s, eps), (s, -2 * eps)] + ([(s, eps)] if n_directions > 1 else [])
+    return ops
+
+
+def zero_step(step: int, seed: int, n_directions: int, eps: float, weight_decay: float,
+              estimator: str = "mezo") -> StepRecord:
+    """The record of a step that failed: its perturbations without an update (lr 0, no losses).
+    A failed step leaves the weights as this record's replay does, so a log that holds it
+    still replays to the weights bit for bit."""
+    nan = (math.nan,) * n_directions
+    return StepRecord(step, seed, (0.0,) * n_directions, 0.0, eps, weight_decay, nan,
+                      (math.nan,) if estimator == "fzoo" else nan, estimator)
 
 
 def replay(buffers: Sequence[np.ndarray], records: Sequence[StepRecord], directions: Directions,
@@ -126,13 +168,8 @@ def replay(buffers: Sequence[np.ndarray], records: Sequence[StepRecord], directi
         if r.estimator == "fzoo":
             replay_step(buffers, r, directions, decay)
             continue
-        q = len(r.grads)
-        for i in range(q):
-            s = direction_seed(r.seed, i)
-            directions.add(buffers, s, r.eps)
-            directions.add(buffers, s, -2 * r.eps)
-            if q > 1:
-                directions.add(buffers, s, r.eps)
+        for op in perturbations(r.seed, len(r.grads), r.eps):
+            directions.add(buffers, *op)
         _update(buffers, r, directions, decay)
 
 
