@@ -490,6 +490,22 @@ def _expect_error(capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("ortzo: error: ") and message in err, err
 
 
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated"])
+def test_a_run_whose_step_log_lost_steps_its_checkpoints_hold_is_refused(runs, tmp_path, capsys, damage):
+    """Checkpoints at steps 4 and 6 and a step log with fewer steps: eval and bake said nothing
+    and used the model's untrained weights (exit 0); now one line, and no output."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["ort"], run)
+    log = run / "steps.jsonl"
+    if damage == "missing":
+        log.unlink()
+    else:
+        log.write_text("" if damage == "empty" else "".join(log.read_text().splitlines(keepends=True)[:5]))
+    _expect_error(capsys, ["bake", str(run), "--out", str(tmp_path / "baked")], "missing or truncated")
+    _expect_error(capsys, ["eval", str(run)], "missing or truncated")
+    assert not (tmp_path / "baked").exists()
+
+
 def test_bad_inputs_are_one_line_and_touch_nothing(runs, tiny_model, tmp_path, capsys):
     out = tmp_path / "baked"
     _expect_error(capsys, ["bake", str(tmp_path / "nope"), "--out", str(out)], "neither a trainable model folder")

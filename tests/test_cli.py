@@ -251,7 +251,7 @@ def test_inputs_are_checked_before_anything_is_written(tiny_model, tiny_data, tm
     (["--steps", "-5"], "--steps"),
     (["--clip", "-1"], "--clip: Input should be greater than 0"),
     (["--lr", "fast"], "--lr: Input should be a valid number"),
-    (["--lr", "1e30"], "--lr: Input should be less than or equal to 1"),  # it wrecked the weights, logged
+    (["--lr", "1e30"], "--lr: Input should be less than or equal to 1000"),  # it wrecked the weights, logged
     (["--eps", "inf"], "--eps: Input should be less than or equal to 1"),
     (["--weight-decay", "inf"], "--weight-decay: Input should be a finite number"),
     (["--directions", "uniform"], "invalid choice: 'uniform'"),

@@ -25,9 +25,10 @@ import numpy as np
 from .directions import Directions
 
 LossFn = Callable[[], float]
-# Bounds no recipe comes near (lr 1e-6 to 1e-3, eps 1e-3): a larger lr or eps wrecks the weights in
-# one step (lr 1e30 did, and the log kept the step, so a resume with a smaller lr replayed it).
-LR_MAX = 1.0
+# Bounds far past any recipe (lr 1e-6 to 1e-3, eps 1e-3; a test pushes LoRA's B off zero at lr 20):
+# beyond them a step wrecks the weights (lr 1e30 did, and the log kept the step, so a resume with a
+# smaller lr replayed it), and eps beyond 1 drowns the weights in their perturbation.
+LR_MAX = 1e3
 EPS_MAX = 1.0
 
 

@@ -101,9 +101,14 @@ def restore(run_dir: Path, records: Sequence[Record], at: int, load_store: Store
             open_engine: Callable[[WeightStore, Saved | None], E]) -> E:
     """An engine at the weights after the first `at` logged steps: opened over the newest
     checkpoint at or before `at` (or the model's own weights), then replaying the records after it."""
+    steps = saved(run_dir)
+    if steps and steps[-1] > len(records):  # checkpoints are written after their steps are logged
+        raise OrtzoError(f"{run_dir}: its step log has {len(records)} steps but a checkpoint holds step "
+                         f"{steps[-1]}: steps.jsonl is missing or truncated, so its weights cannot be rebuilt "
+                         "exactly (restore steps.jsonl from a backup)")
     if at > len(records):
         raise OrtzoError(f"{run_dir}: cannot restore step {at}: the step log has {len(records)} steps")
-    start = max((s for s in saved(run_dir) if s <= at), default=0)
+    start = max((s for s in steps if s <= at), default=0)
     store, state = load(run_dir, start, load_store) if start else (load_store(None, None), None)
     engine = open_engine(store, state)
     engine.replay(records[start:at])
