@@ -254,3 +254,21 @@ def test_federate_sets_its_own_steps_and_refuses_them_in_one_line(tiny_model, ti
                  "--rounds", "1", "--steps", "10", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--steps" in err and not out.exists()
+
+
+def test_the_flower_apps_run_config_is_checked_before_anything_is_written(tiny_model, tiny_data, tmp_path):
+    """The ServerApp `flwr run` starts: `out` is required, `resume` must be a boolean (the
+    string "false" once read as true), and unknown or fixed settings are one line; nothing is
+    written."""
+    from types import SimpleNamespace
+
+    from ortzo.errors import OrtzoError
+    from ortzo.fleet import app
+
+    out = tmp_path / "fleet"
+    base = {"model": str(tiny_model), "data": str(tiny_data), "clients": 2, "rounds": 1}
+    for config, message in (({}, "`out`"), ({"out": str(out), "resume": "false"}, "true or false"),
+                            ({"out": str(out), "steps": 5}, "--steps"), ({"out": str(out), "colour": 1}, "colour")):
+        with pytest.raises(OrtzoError, match=message):
+            app.main(None, SimpleNamespace(run_config=base | config))
+    assert not out.exists()
